@@ -868,8 +868,7 @@ class LoraRuntime:
         cache_key = key or identity or f"<{type(source).__name__} #{next(_anonymous)}>"
         packs = pack_host(checked, self.buffers)
         prepared = PreparedAdapter(cache_key, adapter, checked.plan, packs, self.buffers, tuple(digests.items()))
-        # (a file that changed while it was read is not cached)
-        return prepared, key is not None or identity is None or source_key(source, read_kwargs) == identity, key
+        return prepared, key is not None or _kept_by_identity(source, identity, read_kwargs), key
 
     @public_api
     def prefetch(
@@ -1787,6 +1786,16 @@ class LoraRuntime:
 
 
 _anonymous = itertools.count()
+
+
+def _kept_by_identity(source: Source | Adapter, identity: str | None, read_kwargs: dict[str, Any]) -> bool:
+    """Whether an entry preloaded without a key is cached: an in-memory source's (it has no
+    identity: kept under an anonymous key), or a path's or Hub id's under its identity, unless
+    its files changed while it was read, or its identity could not be taken (a stat that failed
+    for a moment): no load of it would look for an entry under another key."""
+    if identity is None:
+        return not isinstance(source, (str, os.PathLike))
+    return source_key(source, read_kwargs) == identity
 
 
 def _base_weight(layers: dict[str, LoRALayer], name: str) -> torch.Tensor:

@@ -37,24 +37,29 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from lorahot.errors import LoraError, UsageError, message, shown
+from lorahot.memo import str_bytes
 from lorahot.runtime.arguments import parts_of
 from lorahot.runtime.cache import AdapterCache, PreparedAdapter
 
 __all__ = ["PendingKeys", "PrefetchFuture", "failed_prefetch", "keys_of", "prefetch_pool", "shielded"]
 
 
-#: how many failed prefetches' keys are remembered with their errors (the last ones)
+#: how many failed prefetches' keys are remembered with their errors (the last ones), and the
+#: most bytes those keys and errors take together (a key is any str a caller passes: a count
+#: alone let 256 keys of 4 MiB each pin 1 GiB), as the cache bounds its names
 FAILURES_KEPT = 256
+FAILURES_BYTES = 16 << 20
 
 
 class PendingKeys:
     """The futures of keyed prefetches not yet done, by key (the last one for a key given
-    twice), and the errors of the last :data:`FAILURES_KEPT` keys whose prefetch failed."""
+    twice), and the errors of the last :data:`FAILURES_KEPT` keys whose prefetch failed (at
+    most :data:`FAILURES_BYTES` of keys and errors)."""
 
     def __init__(self, cache: AdapterCache) -> None:
         self._cache = cache
         self._pending: dict[str, tuple[Future[PreparedAdapter], bool]] = {}  # key -> (future, named)
-        self._failed: OrderedDict[str, str] = OrderedDict()  # key -> what its prefetch raised
+        self._failed: OrderedDict[str, tuple[str, int]] = OrderedDict()  # key -> (what its prefetch raised, bytes)
         self._lock = threading.Lock()
 
     def add(self, key: str, future: Future[PreparedAdapter], named: bool) -> None:
@@ -72,9 +77,7 @@ class PendingKeys:
                 return  # a later prefetch of the key
             del self._pending[key]
             if failure is not None and named:
-                self._failed[key] = failure
-                while len(self._failed) > FAILURES_KEPT:
-                    self._failed.popitem(last=False)
+                self._remember_locked(key, failure)
         if named and failure is not None:
             self._cache.name(key)
 
@@ -82,6 +85,20 @@ class PendingKeys:
         """``key`` was preloaded since its prefetch failed: the failure no longer describes it."""
         with self._lock:
             self._failed.pop(key, None)
+
+    def _remember_locked(self, key: str, failure: str) -> None:
+        """Keeps ``failure`` for ``key``, dropping the oldest beyond :data:`FAILURES_KEPT` or
+        :data:`FAILURES_BYTES` (one larger than that alone is not kept: a load of its key is
+        refused as a name with no entry, :meth:`AdapterCache.name`, or reads it as a path)."""
+        self._failed.pop(key, None)
+        self._failed[key] = failure, str_bytes(key) + str_bytes(failure)
+        while len(self._failed) > FAILURES_KEPT or self._bytes_locked() > FAILURES_BYTES:
+            self._failed.popitem(last=False)
+
+    def _bytes_locked(self) -> int:
+        """The failures' bytes, summed (at most :data:`FAILURES_KEPT` of them): no running count
+        for an interrupt to leave wrong."""
+        return sum(size for _, size in self._failed.values())
 
     def settle(self, keys: list[str], on_prefetch_thread: bool) -> None:
         """Waits until the prefetch of each of ``keys`` under way, if any, is done, raising
@@ -107,7 +124,7 @@ class PendingKeys:
             pending = self._pending.get(key)
             failed = self._failed.get(key)
         if pending is None:
-            return failed
+            return None if failed is None else failed[0]
         future, named = pending
         if on_prefetch_thread and not future.done():
             raise UsageError(

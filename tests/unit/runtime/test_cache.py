@@ -635,3 +635,32 @@ def test_a_tensor_no_layer_could_take_is_refused_before_it_is_copied(as_adapter:
         with pytest.raises(AdapterMismatchError, match=r"declares shape \(68719476736, 16\) \(1099511627776 elements"):
             call()
         assert_unchanged(rig, before)
+
+
+def test_a_path_whose_stat_fails_during_preload_is_not_cached_under_a_key_no_load_finds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, reads: list[object]
+) -> None:
+    """A transient stat failure (EIO) while preload takes a file's identity left no identity, and
+    the entry was cached under an anonymous key ('<str #0>') that no load of the path computes:
+    it held its bytes of the budget until evicted, while load(path) read the file again. Such a
+    preload is not cached (as a file that changed while it was read is not); what it returned
+    loads, and the next preload is cached under the path's identity, which load(path) finds."""
+    model = tiny_lm(dtype=torch.float64)
+    runtime = lorahot.inject(model, ["q_proj"], max_rank=4)
+    tensors, _ = make_adapter(model, {Q0: 2}, seed=1, dtype=torch.float64)
+    save_peft(tmp_path, tensors, r=2, lora_alpha=2)
+    os.utime(tmp_path / "adapter_model.safetensors", (1e9, 1e9))  # older than the racy margin
+    real, failures = identity._stat, [OSError(5, "Input/output error")]
+
+    def flaky(path: Path) -> str:
+        if failures:
+            raise failures.pop()
+        return real(path)
+
+    monkeypatch.setattr(identity, "_stat", flaky)
+    prepared = runtime.preload(str(tmp_path))
+    assert runtime.cache.keys() == [] and runtime.cache.nbytes == 0
+    assert runtime.load(prepared).ranks == {Q0: 2} and len(reads) == 1
+    runtime.preload(str(tmp_path))
+    runtime.load(str(tmp_path))
+    assert len(reads) == 2 and len(runtime.cache.keys()) == 1  # the second preload's read alone

@@ -7,9 +7,11 @@ key as a path or Hub id of its own (:mod:`lorahot.runtime.prefetches`).
 
 from __future__ import annotations
 
+import gc
 import subprocess
 import sys
 import threading
+import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -262,3 +264,34 @@ def test_a_done_callback_that_raises_leaves_later_prefetches_and_loads_working(
     assert torch.equal(runtime.layers[Q0].lora_A[:4], second_ab[Q0][0])
     runtime.load("first")
     assert torch.equal(runtime.layers[Q0].lora_A[:4], first_ab[Q0][0])
+
+
+def test_the_failed_prefetches_remembered_are_bounded_in_bytes(tmp_path: Path) -> None:
+    """The errors of the last 256 failed keyed prefetches are kept, by key, for a later load of
+    the key to name; bounded by count alone, 256 keys of 4 MiB each pinned 1 GiB (a key is any
+    str the caller passes; measured 1,024 MiB). They are bounded to 16 MiB as the cache's names
+    are: 6 keys of 4 MiB (24 MiB held before) keep at most 16 MiB, and the last failure is still
+    refused naming its error (the oldest, forgotten as the oldest names are, is read as the path
+    it spells: too long a name, a SourceNotFoundError)."""
+    runtime = lorahot.inject(tiny_lm(), ["q_proj"], max_rank=4)
+    missing = str(tmp_path / "missing.safetensors")
+
+    def key(i: int) -> str:
+        return chr(ord("a") + i) * (4 << 20)
+
+    tracemalloc.start()
+    try:
+        held = tracemalloc.get_traced_memory()[0]
+        for i in range(6):
+            with pytest.raises(lorahot.SourceNotFoundError):
+                runtime.prefetch(missing, key=key(i)).result()
+        gc.collect()
+        held = tracemalloc.get_traced_memory()[0] - held
+    finally:
+        tracemalloc.stop()
+    assert held <= (16 << 20) + (1 << 20), held
+    with pytest.raises(lorahot.UsageError, match=r"is the key of a prefetch that failed \(SourceNotFoundError: "):
+        runtime.load(key(5))
+    with pytest.raises(lorahot.SourceNotFoundError, match=r"File name too long"):
+        runtime.load(key(0))
+    assert runtime.info() is None
