@@ -440,18 +440,25 @@ PARTITIONER_SETTINGS = {
 }
 
 
-#: each setting under ``aot_eager`` and under inductor's partitioning: inductor itself for
-#: ``aggressive_recomputation``, ``aot_eager_decomp_partition`` (inductor's decompositions and
-#: its partitioner, the graphs inductor would be given, without their code) for the others
+#: each setting, one slot and per-row routing, under ``aot_eager`` and under inductor's
+#: partitioning: ``aot_eager_decomp_partition`` (inductor's decompositions and its partitioner,
+#: the graphs inductor would be given, without their code), and inductor itself for
+#: ``aggressive_recomputation`` with one slot (whose graphs are those of the default settings:
+#: the copy saved, nothing else recomputed; inductor's code for the per-row routing's graphs is
+#: checked by
+#: :func:`test_a_backward_pending_from_a_compiled_forward_computes_with_the_factor_of_its_own_forward`)
 PARTITIONER_CASES = [
-    pytest.param(setting, backend, id=f"{setting}-{backend}")
+    pytest.param(setting, backend, routed, id=f"{setting}-{backend}-{'per-row routing' if routed else 'one slot'}")
     for setting in PARTITIONER_SETTINGS
-    for backend in ("aot_eager", "inductor" if setting == "aggressive_recomputation" else "aot_eager_decomp_partition")
+    for routed in (False, True)
+    for backend in (
+        "aot_eager",
+        "inductor" if setting == "aggressive_recomputation" and not routed else "aot_eager_decomp_partition",
+    )
 ]
 
 
-@pytest.mark.parametrize("routed", [False, True], ids=["one slot", "per-row routing"])
-@pytest.mark.parametrize(("setting", "backend"), PARTITIONER_CASES)
+@pytest.mark.parametrize(("setting", "backend", "routed"), PARTITIONER_CASES)
 def test_the_saved_copy_of_the_extras_is_never_recomputed_whatever_the_partitioner_may_recompute(
     setting: str, backend: str, routed: bool
 ) -> None:
