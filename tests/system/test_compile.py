@@ -425,14 +425,16 @@ def test_dynamic_sequence_lengths_swap_without_recompiles() -> None:
 
 def test_a_batch_size_equal_to_an_arena_size_is_not_tied_to_it() -> None:
     """Under ``dynamic=True`` the compiler ties equal sizes together; the arena tensors' shapes
-    are static, so a first batch that matches one of them still leaves one graph for all."""
+    are static, so a first batch that matches one of them still leaves one graph for all. The
+    tying and the guards are dynamo's (its shape environment), the same under any backend:
+    ``aot_eager`` traces them (the outputs against the eager model's)."""
     model = nn.Sequential(nn.Linear(12, 12), nn.ReLU(), nn.Linear(12, 12), nn.ReLU(), nn.Linear(12, 12))
     runtime = lorahot.inject(model, ["0", "2", "4"], max_rank=4)
     sizes = sorted(
         {int(d) for layer in runtime.layers.values() for t in TENSORS[layer._key] for d in t.shape if d >= 2}
     )
     assert 3 in sizes  # three layers: a scale per layer
-    compiled = torch.compile(model, dynamic=True)
+    compiled = torch.compile(model, backend="aot_eager", dynamic=True)
     with torch.no_grad():
         compiled(torch.randn(3, 12))
         with torch._dynamo.config.patch(error_on_recompile=True):
@@ -553,16 +555,18 @@ def test_dynamic_row_counts_compile_no_more_graphs_than_the_base_model(monkeypat
     """Compiled with automatic dynamic shapes, a layer that chooses between the fused kernel
     and the wide GEMMs by row count makes that choice at run time, inside one operator: the
     model compiles as many graphs as the base model over the same inputs, each output equal to
-    the float64 reference. The negative control decides in Python (as static shapes do) and
-    compiles a graph per range of row counts: dynamo's guards, which ``aot_eager`` traces as
-    inductor does (the base model compiles as many graphs under either), without the code of
-    each graph."""
+    the float64 reference. The model compiles with inductor (its lowering of the operator, and
+    any guard that lowering adds, counted); the base model, whose graph count is the yardstick,
+    with ``aot_eager``: its graphs are dynamo's guards on a plain MLP, as many under either
+    backend, without the code of each. The negative control decides in Python (as static
+    shapes do) and compiles a graph per range of row counts: dynamo's guards too, traced by
+    ``aot_eager``."""
     model, base, loras = _fused_wide_mlp(monkeypatch)
 
     def check(x: torch.Tensor, out: torch.Tensor) -> None:
         torch.testing.assert_close(out.double(), model_reference(base, x, loras), rtol=1e-4, atol=1e-5)
 
-    base_frames = _frames(base)
+    base_frames = _frames(base, backend="aot_eager")
     assert _frames(model, check) == base_frames
     from lorahot.kernels import lora_linear as fused_kernel
 
