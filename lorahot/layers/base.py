@@ -990,7 +990,7 @@ class LoRALayer(nn.Module):
         # bitwise in float32.
         a, b = library_operands(a, b)
         if not extras:
-            return marked(y + self.lora_delta(x, a, b, scale).to(y.dtype), key, self)
+            return marked(added(y, self.lora_delta(x, a, b, scale)), key, self)
         z = y + (self.lora_delta(x, a, b, scale) + e[EXTRA_BIAS] * scale[0])
         e = saved_extras(e, z)  # compiled with autograd: the backward's own copy
         out = self._bias_gradient(torch.addcmul(e[EXTRA_G], e[EXTRA_F], z), e[EXTRA_F], e[EXTRA_G].shape)
@@ -1126,7 +1126,7 @@ class LoRALayer(nn.Module):
         slot in ``route [L]`` (none for -1), from the slot views ``a``, ``b``, ``s [slots, R]``.
         The library formula; a subclass with a kernel overrides it."""
         on, index, scales = routing.row_scales(s, route)
-        z = y + self.routed_delta(x, *library_operands(a, b), scales, index).to(y.dtype)
+        z = added(y, self.routed_delta(x, *library_operands(a, b), scales, index))
         # rows of no slot keep y itself: their zero scales do not zero an update that
         # overflowed (inf * 0 is NaN), whatever adapter slot 0 holds. Selected in y's own
         # shape, so the output is no view: a view's base would be guarded on by a block
@@ -1298,6 +1298,18 @@ def stamp(t: torch.Tensor) -> tuple[int | None, int]:
     """``t``'s version counter and address: a write in place moves the first, ``weight.data =
     new`` (pruning's ``prune.remove``) the second."""
     return version(t), t.data_ptr()
+
+
+def added(y: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """``y + delta`` in ``y``'s dtype, rounded once: an update wider than the output (float32,
+    from float16 buffers or ``inject(..., dtype=torch.float32)`` on a half-precision model) is
+    added in its own dtype and the sum rounded, as PEFT adds its float32 update and as the
+    compiler's fused add computes; rounding the update first, then the sum, put the output up to
+    one ulp off the float64 reference instead of half of one (a float16 Linear 256 -> 256, rank 8:
+    max 0.0072 against 0.0039)."""
+    if delta.dtype == y.dtype:
+        return y + delta
+    return (y + delta).to(y.dtype)
 
 
 def library_operands(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -210,6 +210,41 @@ def test_low_precision_layers_keep_dtype(dtype: torch.dtype) -> None:
     torch.testing.assert_close(y.double(), expected, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("buffers", [None, torch.float32], ids=["float16-buffers", "float32-buffers"])
+@pytest.mark.parametrize("routed", [False, True], ids=["whole", "routed"])
+def test_a_float32_update_on_a_float16_layer_is_added_then_rounded_once(
+    buffers: torch.dtype | None, routed: bool
+) -> None:
+    """The update of a float16 layer is computed in float32 (its float16 buffers widened, or
+    ``dtype=torch.float32``); added to the float16 base output in float32 and the sum rounded
+    once, as PEFT does, the output is the float16 rounding of ``base(x) + delta`` (float64), to
+    the last bit but for float32's own error on a tie. Rounded to float16 first and then summed,
+    29% of the outputs were one ulp off it."""
+    torch.manual_seed(0)
+    base = nn.Linear(256, 256).half()
+    holder = Holder(base)
+    x = torch.randn(64, 256).half()
+    with torch.no_grad():
+        y = base(x)  # the base output the layer computes too
+    a = torch.randn(8, 256).half().float()  # values float16 holds: both buffer dtypes store them exactly
+    b = (torch.randn(256, 8) * 0.05).half().float()
+    runtime = lorahot.inject(holder, ["layer"], max_rank=8, dtype=buffers, slots=2)
+    runtime.load({"base_model.model.layer.lora_A.weight": a, "base_model.model.layer.lora_B.weight": b}, slot=1)
+    route = torch.tensor([1, -1] * 32)
+    runtime.activate(route.tolist() if routed else 1)
+    with torch.no_grad():
+        got = holder(x)
+    delta = x.double() @ a.double().T @ b.double().T  # alpha = r: scale 1
+    if routed:
+        delta[route < 0] = 0
+    want = (y.double() + delta).half()  # float64 to float16 rounds once, correctly
+    assert got.dtype == torch.float16
+    off = (got != want).sum().item()
+    assert off <= got.numel() // 200, f"{off} of {got.numel()} outputs are not the once-rounded sum"
+    if routed:
+        assert torch.equal(got[route < 0], y[route < 0])  # rows of no slot: the base output itself
+
+
 def test_transformers_conv1d_is_wrapped_as_linear() -> None:
     transformers = pytest.importorskip("transformers.pytorch_utils")
     torch.manual_seed(0)
