@@ -5,9 +5,10 @@ control) but not under dynamic shapes."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 import torch
@@ -34,14 +35,22 @@ def _setup(slots: int = 3, device: str = "cpu") -> tuple[torch.nn.Module, loraho
     return model, runtime, held
 
 
+def _per_row(route: list[int], x: torch.Tensor, output_of: Callable[[torch.Tensor, int], torch.Tensor]) -> torch.Tensor:
+    """Row ``i`` of ``output_of(x, route[i])``, the float64 reference of the whole batch ``x``
+    with that slot's adapter (none for -1). The reference models compute each row on its own
+    (no batch norm; a sequence attends to itself alone), so a row of the whole batch's forward
+    is that row's forward alone: each slot's reference runs once, not once per row."""
+    outputs = {slot: output_of(x, slot) for slot in dict.fromkeys(route)}
+    return torch.stack([outputs[slot][i] for i, slot in enumerate(route)])
+
+
 def _expected(
     ids: torch.Tensor, route: list[int], held: list[dict], reference: torch.nn.Module | None = None
 ) -> torch.Tensor:
-    """Each row alone through the float64 reference (``reference``, else the tiny LM) with its
-    slot's adapter, or none for -1."""
+    """Each row through the float64 reference (``reference``, else the tiny LM) with its slot's
+    adapter, or none for -1."""
     reference = tiny_lm() if reference is None else reference
-    rows = [model_reference(reference, ids[i : i + 1], held[s] if s >= 0 else {}) for i, s in enumerate(route)]
-    return torch.cat(rows)
+    return _per_row(route, ids, lambda x, s: model_reference(reference, x, held[s] if s >= 0 else {}))
 
 
 @pytest.mark.parametrize("wide", [False, True])
@@ -219,20 +228,30 @@ def test_per_row_and_per_token_routings_compile_once_each_and_read_the_batch_as_
             torch.compile(model, backend="aot_eager", dynamic=False)(ids)
 
 
-def _routed_ops(model: torch.nn.Module, ids: torch.Tensor, dynamic: bool) -> tuple[list[str], torch.nn.Module]:
-    """The lorahot operators of the compiled model's post-grad graph (after lorahot's own
-    passes), and the compiled model (first called on ``ids``)."""
-    seen: list[str] = []
+@contextlib.contextmanager
+def _recording_routed_ops(seen: list[str]) -> Iterator[None]:
+    """Appends to ``seen`` the lorahot operators of each post-grad graph inductor compiles in
+    the block (after lorahot's own passes), sorted; the FX graph cache off, so that the graph is
+    compiled and seen."""
 
     def record(graph: torch.fx.Graph) -> None:
         for node in graph.nodes:
             if node.op == "call_function" and "lorahot" in str(node.target):
                 seen.append(f"{node.target}{'+h' if node.kwargs.get('h') is not None else ''}")
 
+    with torch._inductor.config.patch(post_grad_custom_post_pass=record, fx_graph_cache=False):
+        yield
+    seen.sort()
+
+
+def _routed_ops(model: torch.nn.Module, ids: torch.Tensor, dynamic: bool) -> tuple[list[str], torch.nn.Module]:
+    """The lorahot operators of the compiled model's post-grad graph (after lorahot's own
+    passes), and the compiled model (first called on ``ids``)."""
+    seen: list[str] = []
     compiled = torch.compile(model, fullgraph=True, dynamic=dynamic)
-    with torch._inductor.config.patch(post_grad_custom_post_pass=record, fx_graph_cache=False), torch.no_grad():
+    with _recording_routed_ops(seen), torch.no_grad():
         compiled(ids)
-    return sorted(seen), compiled
+    return seen, compiled
 
 
 @pytest.mark.parametrize("stacked", [True, False], ids=["stacked", "control: the pass off"])
@@ -259,19 +278,6 @@ def test_routed_layers_sharing_an_input_share_one_shrink(stacked: bool, monkeypa
         for route in ([0, 1, 2, -1], [2, 2, 0, 1], [-1, -1, -1, 0]):
             runtime.activate(route)
             torch.testing.assert_close(compiled(ids).double(), _expected(ids, route, held), rtol=1e-4, atol=1e-5)
-
-
-def test_routed_shrinks_are_not_stacked_for_symbolic_row_counts(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Dynamic shapes: the operator chooses per call between the fused path and the segmented
-    pair (which shrinks for itself), so the pass leaves each layer its own shrink."""
-    from lorahot.kernels import stacked_routed
-
-    _fused_on_the_cpu(monkeypatch)
-    monkeypatch.setattr(stacked_routed, "ENABLED", True)
-    model, runtime, _ = _setup()
-    runtime.activate([0, 1, 2])
-    ops, _ = _routed_ops(model, token_ids((3, 4), 32, seed=0), dynamic=True)
-    assert ops == ["lorahot.routed_lora_linear.default"] * 6
 
 
 def _q_proj_guards(fused: bool, monkeypatch: pytest.MonkeyPatch) -> list[str]:
@@ -308,19 +314,30 @@ def test_dynamic_shapes_serve_every_batch_size_with_one_routed_graph(
 ) -> None:
     """One graph for every batch size. Where the fused routed path applies, the row counts
     cross its limits (16 and 128 rows: 12 to 200 here) and its operator chooses per call, so
-    that too compiles once. The fused path compiles with inductor (its operator lowered for a
-    symbolic row count); the library formula with ``aot_eager`` (one graph is dynamo's count;
-    inductor's lowering of it under a dynamic batch is checked at the reference by
-    :func:`test_a_serving_step_compiled_with_cuda_graphs_routes_at_the_float64_reference`)."""
+    that too compiles once; and with the stacking of routed shrinks on
+    (``stacked_routed.ENABLED``), lorahot's pass leaves each layer its own shrink there (the
+    operator chooses per call between the fused path and the segmented pair, which shrinks for
+    itself): the post-grad graph holds the six routed linears alone. Both compile with
+    inductor: its lowering of the library formula's routed layers and of the fused path's
+    operator for a symbolic row count, each output at the float64 reference (the other dynamic
+    tests of the routed LM compile with ``aot_eager`` and count on this one for that), and
+    lorahot's pass on the fused path's post-grad graph."""
+    from lorahot.kernels import stacked_routed
+
     if fused:
         _fused_on_the_cpu(monkeypatch)
+        monkeypatch.setattr(stacked_routed, "ENABLED", True)
     model, runtime, held = _setup()
     assert runtime.layers["layers.0.self_attn.q_proj"]._plan[1] == fused
-    counter = torch._dynamo.testing.CompileCounterWithBackend("inductor" if fused else "aot_eager")
+    counter = torch._dynamo.testing.CompileCounterWithBackend("inductor")
     compiled = torch.compile(model, backend=counter, fullgraph=True, dynamic=True)
+    ops: list[str] = []
     with torch.no_grad():
         runtime.activate([0, 1, 2])
-        compiled(token_ids((3, 4), 32, seed=0))
+        with _recording_routed_ops(ops):
+            compiled(token_ids((3, 4), 32, seed=0))
+        if fused:
+            assert ops == ["lorahot.routed_lora_linear.default"] * 6
         frames = counter.frame_count
         with torch._dynamo.config.patch(error_on_recompile=True):
             for rows, length in ((5, 4), (2, 7), (6, 3), (40, 5)):
@@ -341,7 +358,7 @@ def test_a_batch_marked_dynamic_routes_every_batch_size_with_one_graph(kind: str
     :func:`test_negative_control_a_routed_conv_grouped_by_a_symbolic_batch_recompiles`); the LM
     with ``aot_eager`` (its refusal and graph count are dynamo's; inductor's lowering of its
     routed layers under a dynamic batch is checked at the reference by
-    :func:`test_a_serving_step_compiled_with_cuda_graphs_routes_at_the_float64_reference`)."""
+    :func:`test_dynamic_shapes_serve_every_batch_size_with_one_routed_graph`)."""
     model, runtime, held = _routed_convnet() if kind == "conv" else _setup()
     reference, vocab, tail = (tiny_convnet(), 16, (5, 5)) if kind == "conv" else (tiny_lm(), 32, (6,))
     counter = torch._dynamo.testing.CompileCounterWithBackend("inductor" if kind == "conv" else "aot_eager")
@@ -432,9 +449,11 @@ def test_a_serving_step_compiled_with_cuda_graphs_routes_at_the_float64_referenc
     On the CPU, where inductor would run the same graphs without CUDA graphs, the step compiles
     with ``aot_eager``: the graphs, the graph break and the recompiles are dynamo's, and
     inductor's CPU code for the routed layers is checked against the float64 reference by
+    :func:`test_dynamic_shapes_serve_every_batch_size_with_one_routed_graph` (the library
+    formula and the fused path under a dynamic batch),
     :func:`test_per_row_and_per_token_routings_compile_once_each_and_read_the_batch_as_they_say`
-    and :func:`test_dynamic_shapes_serve_every_batch_size_with_one_routed_graph` (three cold
-    inductor compiles of these graphs cost the CPU about 45 s).
+    and :func:`test_conv_model_routes_under_compile_without_recompiling` (three cold inductor
+    compiles of this step's graphs cost the CPU about 45 s).
 
     Tolerance: float32 (unit roundoff 6e-8) against float64, sums of at most 24 products per
     layer over two blocks: rtol 1e-4, atol 1e-5 is about 10^3 roundings of slack, and rejects
@@ -571,12 +590,7 @@ def test_conv_model_routes_under_compile_without_recompiling() -> None:
         with torch._dynamo.config.patch(error_on_recompile=True):
             for route in ([0, 1, 1], [-1, 0, -1]):
                 runtime.activate(route)
-                want = torch.cat(
-                    [
-                        model_reference(tiny_convnet(), ids[i : i + 1], held[s] if s >= 0 else {})
-                        for i, s in enumerate(route)
-                    ]
-                )
+                want = _per_row(route, ids, lambda x, s: model_reference(tiny_convnet(), x, held[s] if s >= 0 else {}))
                 torch.testing.assert_close(compiled(ids).double(), want, rtol=1e-4, atol=1e-5)
 
 
@@ -606,12 +620,7 @@ def test_dynamic_shapes_serve_every_batch_size_of_a_routed_conv_with_one_graph()
                 route = [(i % 3) - 1 for i in range(rows)]
                 runtime.activate(route)
                 ids = token_ids((rows, 5, 5), 16, seed=rows)
-                want = torch.cat(
-                    [
-                        model_reference(tiny_convnet(), ids[i : i + 1], held[s] if s >= 0 else {})
-                        for i, s in enumerate(route)
-                    ]
-                )
+                want = _per_row(route, ids, lambda x, s: model_reference(tiny_convnet(), x, held[s] if s >= 0 else {}))
                 torch.testing.assert_close(compiled(ids).double(), want, rtol=1e-4, atol=1e-5)
     assert counter.frame_count == frames
 
@@ -773,9 +782,7 @@ def test_sequence_first_layers_compute_their_base_output_under_a_compiled_routin
         with torch._dynamo.config.patch(error_on_recompile=True):
             for route in ([2, 2, 1, -1], [-1, 1, 2, 2]):
                 runtime.activate(route)
-                want = torch.cat(
-                    [model_reference(base, x[i : i + 1], held[s] if s >= 0 else {}) for i, s in enumerate(route)]
-                )
+                want = _per_row(route, x, lambda x, s: model_reference(base, x, held[s] if s >= 0 else {}))
                 torch.testing.assert_close(compiled(x).double(), want, rtol=1e-4, atol=1e-5)
             with pytest.raises(torch._dynamo.exc.RecompileError):  # negative control: a new batch size
                 runtime.activate([1, 2])
@@ -824,9 +831,7 @@ def _max_autotune_routes(device: str) -> None:
         for route in ([0, 1, 2, -1], [2, 0, 1], [1, -1, 0, 2, 1], [1, 0]):
             runtime.activate(route)
             ids = token_ids((len(route), 4, 4), 16, seed=len(route))
-            want = torch.cat(
-                [stack_reference(base, ids[i : i + 1], held[s] if s >= 0 else []) for i, s in enumerate(route)]
-            )
+            want = _per_row(route, ids, lambda x, s: stack_reference(base, x, held[s] if s >= 0 else []))
             torch.testing.assert_close(compiled(ids.to(device)).double().cpu(), want, rtol=1e-4, atol=1e-5)
         runtime.activate(1)
         for rows in (4, 3):
