@@ -4,7 +4,9 @@ that runs a scenario of :mod:`tests.parallel_worker` on several CPU processes (g
 The launcher starts one ``python -m tests.parallel_worker`` per rank, rendezvous through a
 file store in a temporary folder (no port to race for), waits with a deadline, and kills what
 is left of its own processes when the deadline passes, so nothing hangs or stays behind.
-Each rank writes its results (check name -> ``"ok"`` or what went wrong) as JSON.
+Each rank writes each scenario's results (check name -> ``"ok"`` or what went wrong) as JSON.
+Several scenarios can run in one pair of processes (:func:`run_group`), each under a deadline
+of its own, so the interpreters' start-up (torch, lorahot, transformers) is paid once.
 """
 
 from __future__ import annotations
@@ -17,12 +19,15 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 ROOT = Path(__file__).resolve().parent.parent
+
+T = TypeVar("T")
 
 #: The layers the tests put LoRA on: Llama's attention and MLP projections, and the head.
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
@@ -92,9 +97,9 @@ class TinyLlama(nn.Module):
         return self.lm_head(self.norm(x))
 
 
-def tiny_llama(seed: int = 0) -> TinyLlama:
+def tiny_llama(seed: int = 0, blocks: int = 2) -> TinyLlama:
     torch.manual_seed(seed)
-    return TinyLlama().double()
+    return TinyLlama(blocks=blocks).double()
 
 
 def tp_plan(model: TinyLlama, sequence_parallel: bool = False) -> dict[str, object]:
@@ -122,52 +127,82 @@ def tp_plan(model: TinyLlama, sequence_parallel: bool = False) -> dict[str, obje
     return plan
 
 
-def run_ranks(scenario: str, folder: Path, world: int = 2, timeout: float = 90.0) -> list[dict[str, str]]:
-    """Runs ``scenario`` of :mod:`tests.parallel_worker` on ``world`` processes; each rank's
-    results. Raises ``AssertionError`` with the ranks' output when one fails or the deadline
-    passes (the processes are killed then)."""
+def run_group(
+    scenarios: list[str], folder: Path, world: int = 2, timeouts: dict[str, float] | None = None
+) -> dict[str, list[dict[str, str]] | str]:
+    """Runs ``scenarios`` of :mod:`tests.parallel_worker` one after the other in the same
+    ``world`` processes; each scenario's results by rank, or (a string) why it has none: the
+    ranks failed, stopped before it (a scenario before it raised, or the ranks could not meet
+    after it), or were killed when its deadline passed. Each scenario has ``timeouts[name]``
+    seconds (90 unless given) from the end of the one before it (the first, from the start)."""
     folder.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     procs = []
     for rank in range(world):
         log = open(folder / f"rank{rank}.log", "w")  # noqa: SIM115  # closed below
-        cmd = [sys.executable, "-m", "tests.parallel_worker", scenario, str(rank), str(world), str(folder)]
+        cmd = [sys.executable, "-m", "tests.parallel_worker", ",".join(scenarios), str(rank), str(world), str(folder)]
         procs.append((subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT), log))
-    deadline = time.monotonic() + timeout
+
+    def done(name: str) -> bool:
+        return all((folder / f"{name}.rank{r}.json").exists() for r in range(world))
+
+    killed = None  # the scenario whose deadline passed
     try:
-        for proc, _ in procs:
-            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-    except subprocess.TimeoutExpired:
-        pass
+        current, deadline = 0, time.monotonic() + (timeouts or {}).get(scenarios[0], 90.0)
+        while any(p.poll() is None for p, _ in procs):
+            while current < len(scenarios) and done(scenarios[current]):
+                current += 1  # the next scenario's deadline, or the teardown's once every one is done
+                seconds = (timeouts or {}).get(scenarios[current], 90.0) if current < len(scenarios) else 30.0
+                deadline = time.monotonic() + seconds
+            if time.monotonic() > deadline:
+                killed = scenarios[current] if current < len(scenarios) else None
+                break
+            time.sleep(0.05)
     finally:
-        late = [p for p, _ in procs if p.poll() is None]
-        for proc in late:
-            proc.kill()
+        for proc, _ in procs:
+            if proc.poll() is None:
+                proc.kill()
         for proc, log in procs:
             proc.wait()
             log.close()
     logs = "\n".join(f"--- rank {r} ---\n{(folder / f'rank{r}.log').read_text()[-3000:]}" for r in range(world))
-    assert not late, f"{scenario}: ranks still running after {timeout}s were killed\n{logs}"
     codes = [p.returncode for p, _ in procs]
-    assert codes == [0] * world, f"{scenario}: exit codes {codes}\n{logs}"
-    return [json.loads((folder / f"rank{r}.json").read_text()) for r in range(world)]
+    outcome: dict[str, list[dict[str, str]] | str] = {}
+    for name in scenarios:
+        if done(name):
+            outcome[name] = [json.loads((folder / f"{name}.rank{r}.json").read_text()) for r in range(world)]
+        elif killed is not None:
+            seconds = (timeouts or {}).get(killed, 90.0)
+            outcome[name] = f"{name}: not run, the ranks still running {killed} after {seconds}s were killed\n{logs}"
+        else:
+            outcome[name] = f"{name}: not run, the ranks stopped before it (exit codes {codes})\n{logs}"
+    return outcome
 
 
-def once_per_session(name: str, base: Path, run: Callable[[Path], list[dict[str, str]]]) -> list[dict[str, str]]:
-    """``run(folder)`` once per test session, its results shared by every pytest-xdist worker.
+def run_ranks(scenario: str, folder: Path, world: int = 2, timeout: float = 90.0) -> list[dict[str, str]]:
+    """Runs ``scenario`` of :mod:`tests.parallel_worker` on ``world`` processes; each rank's
+    results. Raises ``AssertionError`` with the ranks' output when one fails or the deadline
+    passes (the processes are killed then)."""
+    outcome = run_group([scenario], folder, world, {scenario: timeout})[scenario]
+    assert not isinstance(outcome, str), outcome
+    return outcome
+
+
+def once_per_session(name: str, base: Path, run: Callable[[Path], T]) -> T:
+    """``run(folder)`` once per test session, its results shared by every pytest-xdist worker
+    and every fixture that asks for them.
 
     The tests of a module can run on several workers at once (``--dist worksteal``), and each
     worker would start a module-scoped scenario of its own: more interpreters per rank doing the
     same work. Under xdist, ``base`` (``tmp_path_factory.getbasetemp()``) is one worker's folder
-    in the session's folder: the first worker to ask runs the scenario there under a file lock
-    and writes its results (or the error it raised); the others wait on the lock and read them.
-    Outside xdist it just runs."""
+    in the session's folder: the first worker to ask runs ``run`` there under a file lock and
+    writes its results (or the error it raised); the others wait on the lock and read them.
+    Outside xdist, the results are kept in ``base`` the same way, for the session's other
+    fixtures of the same ``name`` (the scenarios of one group)."""
     from filelock import FileLock
 
-    if "PYTEST_XDIST_WORKER" not in os.environ:
-        return run(base / name)
-    shared = base.parent / "tensor_parallel"
+    shared = (base.parent if "PYTEST_XDIST_WORKER" in os.environ else base) / "tensor_parallel"
     shared.mkdir(exist_ok=True)
     done = shared / f"{name}.json"
     with FileLock(str(shared / f"{name}.lock")):

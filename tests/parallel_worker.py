@@ -1,10 +1,16 @@
-"""One rank of a tensor-parallel test scenario (run by :func:`tests.parallel_helpers.run_ranks`).
+"""One rank of tensor-parallel test scenarios (run by :func:`tests.parallel_helpers.run_ranks`).
 
-``python -m tests.parallel_worker <scenario> <rank> <world> <folder>``: joins the gloo group
-through a file store in ``folder``, runs the scenario and writes ``rank<r>.json`` (check name
--> ``"ok"`` or what went wrong). The adapters it loads were written into ``folder`` by the test.
-Each rank builds the same model from the same seed, keeps an unsharded copy as the reference
-(with its own lorahot runtime, given the same calls) and parallelizes the other.
+``python -m tests.parallel_worker <scenario>[,<scenario>...] <rank> <world> <folder>``: joins
+the gloo group through a file store in ``folder``, runs the scenarios one after the other and
+writes ``<scenario>.rank<r>.json`` (check name -> ``"ok"`` or what went wrong) as each ends. The
+adapters they load were written into ``folder`` by the test. Each rank builds the same model
+from the same seed, keeps an unsharded copy as the reference (with its own lorahot runtime,
+given the same calls) and parallelizes the other.
+
+Scenarios of one process start from dynamo's caches emptied (``torch._dynamo.reset``), so each
+compiles and counts recompiles as in a process of its own. A scenario that raises, or that
+leaves the ranks unable to meet at the barrier after it, ends the run: the scenarios after it
+write nothing, and their tests fail as not run instead of passing on a broken group.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import copy
 import json
 import os
 import sys
+import time
 import traceback
 from collections.abc import Callable
 from datetime import timedelta
@@ -68,13 +75,17 @@ def raises(kind: type[Exception], fn: Callable[[], object], *words: str) -> str 
 
 
 class Rig:
-    """The sharded model and its unsharded reference, each with a runtime."""
+    """The sharded model and its unsharded reference, each with a runtime. With ``blocks=1``,
+    the tiny Llama has one block and :meth:`path` names the one-block copies of ``a``, ``b`` and
+    ``c`` (``a_one_block``...)."""
 
-    def __init__(self, mesh: object, folder: Path, sequence_parallel: bool = False, slots: int = 2) -> None:
+    def __init__(
+        self, mesh: object, folder: Path, sequence_parallel: bool = False, slots: int = 2, blocks: int = 2
+    ) -> None:
         from torch.distributed.tensor.parallel import parallelize_module
 
-        self.folder, self.mesh = folder, mesh
-        self.ref = tiny_llama()
+        self.folder, self.mesh, self.blocks = folder, mesh, blocks
+        self.ref = tiny_llama(blocks=blocks)
         self.tp = copy.deepcopy(self.ref)
         parallelize_module(self.tp, mesh, tp_plan(self.tp, sequence_parallel))  # type: ignore[arg-type]
         self.sp = sequence_parallel
@@ -109,7 +120,7 @@ class Rig:
         return parity
 
     def path(self, name: str) -> str:
-        return str(self.folder / name)
+        return str(self.folder / (name if self.blocks == 2 else f"{name}_one_block"))
 
     def snapshot(self) -> list[torch.Tensor]:
         tensors = [t.clone() for a in self.rt.buffers.arenas for t in (a.A, a.B, a.S, a.E)]
@@ -890,21 +901,22 @@ def scenario_sequence(mesh: object, folder: Path, check: Checks) -> None:
     check("load from the host cache", rig.parity)
     rig.both(lambda r: r.unload())
     check("unload", rig.parity)
-    rig.both(lambda r: r.load(rig.path("a")))
-    rig.both(lambda r: r.activate(0))
-    compiled_swaps(rig, check)
+    compiled_swaps(mesh, folder, check, sequence_parallel=True)
 
 
 def scenario_compile(mesh: object, folder: Path, check: Checks) -> None:
-    rig = Rig(mesh, folder)
-    rig.both(lambda r: r.load(rig.path("a")))
-    compiled_swaps(rig, check)
+    compiled_swaps(mesh, folder, check)
 
 
-def compiled_swaps(rig: Rig, check: Checks) -> None:
+def compiled_swaps(mesh: object, folder: Path, check: Checks, sequence_parallel: bool = False) -> None:
     """The sharded model compiled (``aot_eager``) with ``a`` in slot 0: swaps, stacks,
     re-scales, a load from the host cache and per-row routing (after one compile of the per-row
-    graph) under ``error_on_recompile``; another input length (the negative control) recompiles."""
+    graph) under ``error_on_recompile``; another input length (the negative control) recompiles.
+    The tiny Llama has one block here (tracing a DTensor model is most of the scenario's time,
+    and each block is the same layers): the guards a swap must not fail are each layer's, and
+    every layout of the plan, sequence-parallel or not, is in the one block and around it."""
+    rig = Rig(mesh, folder, sequence_parallel=sequence_parallel, blocks=1)
+    rig.both(lambda r: r.load(rig.path("a")))
     parity = rig.compiled_parity()
     check("compiled", parity)
     with torch._dynamo.config.patch(error_on_recompile=True):
@@ -956,11 +968,25 @@ def scenario_fused(mesh: object, folder: Path, check: Checks) -> None:
             calls["routed"] += 1
         return routed(*args, **kwargs)
 
-    fused_kernel.lora_linear = whole
-    routed_linear.routed_lora_linear = per_row
-    fused_kernel.supports_tensors = lambda *args: True  # what the sharded layers ask
-    fused_kernel.supports = lambda *args: False  # what the unsharded reference asks: it stays library
-    routed_kernel.available = lambda: True
+    patches = [
+        (fused_kernel, "lora_linear", whole),
+        (routed_linear, "routed_lora_linear", per_row),
+        (fused_kernel, "supports_tensors", lambda *args: True),  # what the sharded layers ask
+        (fused_kernel, "supports", lambda *args: False),  # what the unsharded reference asks: it stays library
+        (routed_kernel, "available", lambda: True),
+    ]
+    originals = [(module, attr, getattr(module, attr)) for module, attr, _ in patches]
+    for module, attr, value in patches:
+        setattr(module, attr, value)
+    try:
+        fused_checks(mesh, folder, check, calls)
+    finally:  # the scenarios after this one in the process get the library's own functions
+        for module, attr, value in originals:
+            setattr(module, attr, value)
+
+
+def fused_checks(mesh: object, folder: Path, check: Checks, calls: dict[str, int]) -> None:
+    """:func:`scenario_fused`'s checks, with the stand-ins in place."""
     rig = Rig(mesh, folder)
     sharded = {n: layer for n, layer in rig.rt.layers.items() if isinstance(layer, ShardedLoRALinear)}
     biased_rows = "layers.0.mlp.down_proj"
@@ -982,11 +1008,13 @@ def scenario_fused(mesh: object, folder: Path, check: Checks) -> None:
     rig.both(lambda r: r.activate([0, 1, -1]))
     check("per-row routing", rig.parity)
     check("the routed op ran", lambda: calls["routed"] > 0)
-    rig.both(lambda r: r.activate(0))
-    parity = rig.compiled_parity()
+    # compiled: the tiny Llama of one block, as in compiled_swaps (each block is the same layers)
+    one = Rig(mesh, folder, blocks=1)
+    one.both(lambda r: r.load([one.path("a"), one.path("b")], scale=[0.2, 1.3]))
+    parity = one.compiled_parity()
     check("compiled", parity)
     with torch._dynamo.config.patch(error_on_recompile=True):
-        rig.both(lambda r: r.load(rig.path("b")))
+        one.both(lambda r: r.load(one.path("b")))
         check("swap without recompiling", parity)
 
 
@@ -1721,27 +1749,54 @@ SCENARIOS = {
 }
 
 
+def run_scenario(name: str, mesh: object, folder: Path) -> dict[str, str]:
+    """Scenario ``name``'s checks; ``"scenario"`` holds what broke if it raised, or if it left
+    the process's global state (default dtype, grad mode) changed for the scenarios after it."""
+    check = Checks()
+    dtype, grad = torch.get_default_dtype(), torch.is_grad_enabled()
+    try:
+        SCENARIOS[name](mesh, folder, check)
+    except Exception as exc:  # the scenario itself broke: report it as a check
+        check.results["scenario"] = f"raised {type(exc).__name__}: {exc}\n{traceback.format_exc()[-3000:]}"
+    if (torch.get_default_dtype(), torch.is_grad_enabled()) != (dtype, grad):
+        check.results.setdefault("scenario", f"left the default dtype {torch.get_default_dtype()}, grad mode")
+    return check.results
+
+
 def main() -> None:
     from torch.distributed.device_mesh import init_device_mesh
 
-    scenario, rank, world, folder = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4])
+    names, rank, world, folder = sys.argv[1].split(","), int(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4])
     torch.set_num_threads(1)
     store = f"file://{folder / 'store'}"  # a bounded wait: a rank left alone gives up
     dist.init_process_group("gloo", init_method=store, rank=rank, world_size=world, timeout=timedelta(seconds=60))
-    check = Checks()
-    try:
-        SCENARIOS[scenario](init_device_mesh("cpu", (world,)), folder, check)
-    except Exception as exc:  # the scenario itself broke: report it as a check
-        check.results["scenario"] = f"raised {type(exc).__name__}: {exc}\n{traceback.format_exc()[-3000:]}"
-    (folder / f"rank{rank}.json").write_text(json.dumps(check.results))
-    dist.barrier()  # every rank done before any tears down
-    dist.destroy_process_group()
+    mesh = init_device_mesh("cpu", (world,))
+    code = 0
+    for i, name in enumerate(names):
+        if i:
+            torch._dynamo.reset()  # compiled graphs, guards and recompile counts of this scenario only
+        start = time.monotonic()
+        results = run_scenario(name, mesh, folder)
+        print(f"{name}: {time.monotonic() - start:.1f} s", flush=True)
+        (folder / f"{name}.rank{rank}.json").write_text(json.dumps(results))
+        sys.stdout.flush()
+        if "scenario" in results:  # the ranks may stand at different collectives: stop here
+            code = 1
+            break
+        try:
+            dist.barrier()  # every rank done before the next scenario (or the teardown)
+        except Exception:
+            traceback.print_exc()
+            code = 1
+            break
+    if code == 0:
+        dist.destroy_process_group()
     # gloo's threads could still abort the process in its static destructors ("terminate called
     # without an active exception", about one run in twenty) after everything above succeeded:
     # the results are written, so leave without running them
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(0)
+    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -4,8 +4,8 @@ ColwiseParallel on q/k/v/gate/up and RowwiseParallel on o/down (and sequence par
 Every output of the sharded model, after loads, swaps, stacks, scales, per-row routing and the
 host cache, equals the unsharded model's with the same adapters; a load that fails on one rank
 only leaves every rank bitwise unchanged. Each scenario runs once per session, whichever
-pytest-xdist workers its tests land on (a few seconds: two fresh interpreters), and every check
-is its own test.
+pytest-xdist workers its tests land on, with others of its group (:data:`GROUPS`) in the same
+two interpreters, and every check is its own test.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from tests.helpers import make_adapter, save_peft
-from tests.parallel_helpers import TinyLlama, once_per_session, run_ranks, tiny_llama
+from tests.parallel_helpers import TinyLlama, once_per_session, run_group, run_ranks, tiny_llama
 
 pytestmark = pytest.mark.skipif(
     not (torch.distributed.is_available() and torch.distributed.is_gloo_available()), reason="needs gloo"
@@ -45,7 +45,8 @@ def _write_adapters(folder: Path) -> None:
     ``a_copy``: ``a``'s modules with other values, ``a``'s values with another alpha, ``a``;
     ``a_edited`` and ``a_swapped``: ``a`` with one element of a factor every rank holds whole
     changed (the reproducer of a sampled comparison's blind spot), or two swapped (every sum of
-    the values kept), at positions no sample looks at."""
+    the values kept), at positions no sample looks at; ``a_one_block``, ``b_one_block`` and
+    ``c_one_block``: ``a``, ``b`` and ``c`` for the tiny Llama of one block."""
     model = tiny_llama()
     a, _ = make_adapter(model, dict.fromkeys([*LINEARS, "lm_head"], 4), seed=1, dtype=torch.float64)
     save_peft(folder / "a", a, r=4, lora_alpha=8)
@@ -71,6 +72,15 @@ def _write_adapters(folder: Path) -> None:
     o_b[[1, 2], 1] = o_b[[2, 1], 1].clone()
     save_peft(folder / "a_swapped", swapped, r=4, lora_alpha=8)
     _write_sliced(folder, a, model)
+    one = tiny_llama(blocks=1)  # a, b and c for the one-block model the compiled checks trace
+    block = [name for name in LINEARS if name.startswith("layers.0.")]
+    for name, (targets, r, alpha, seed) in {
+        "a": ([*block, "lm_head"], 4, 8, 1),
+        "b": (block, 3, 6, 2),
+        "c": (LINEARS[:5], 2, 2, 3),
+    }.items():
+        tensors, _ = make_adapter(one, dict.fromkeys(targets, r), seed=seed, dtype=torch.float64)
+        save_peft(folder / f"{name}_one_block", tensors, r=r, lora_alpha=alpha)
 
 
 #: what :func:`_write_sliced` changes in ``a``: a key and an index into its tensor, by file
@@ -211,19 +221,44 @@ def _save_peft(base: torch.nn.Module, config: dict[str, object], seed: int, path
     model.save_pretrained(str(path))
 
 
-def _scenario(name: str, tmp_path_factory: pytest.TempPathFactory, timeout: float = 90.0) -> list[dict[str, str]]:
-    """The ranks' results of scenario ``name`` with the adapters it reads, run once per session."""
+#: The scenarios that run in one pair of rank processes, one after the other (each from dynamo's
+#: caches emptied: :mod:`tests.parallel_worker`), so the interpreters start once per group.
+#: ``fused`` comes last in its group: it puts stand-ins into lorahot's kernel modules while it
+#: runs. ``one_rank`` and ``interrupted`` interrupt or fail rank 1 on purpose, and where lorahot
+#: got that wrong a rank would wait in a collective until the process group timed out and broke:
+#: each runs in processes of its own.
+GROUPS = (
+    ("parity", "sequence", "compile", "fused"),
+    ("atomic", "transformers", "layouts", "replicated_targets"),
+    ("one_rank",),
+    ("interrupted",),
+)
 
-    def run(folder: Path) -> list[dict[str, str]]:
+#: Seconds a scenario may take (90 otherwise). ``one_rank`` and ``interrupted``: bounded well
+#: below the ranks' process-group timeout (60 s) times the calls that would wait in it, so a
+#: rank left waiting for an interrupted one fails the run instead of hanging it.
+TIMEOUTS = {"one_rank": 75.0, "interrupted": 75.0}
+
+
+def _scenario(name: str, tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, str]]:
+    """The ranks' results of scenario ``name``: its group of :data:`GROUPS` runs once per
+    session, with the adapters its scenarios read. A scenario that has no results (the ranks
+    failed in it or before it, or its deadline passed) fails its tests with why and the ranks'
+    output, never with another scenario's results."""
+    group = next(g for g in GROUPS if name in g)
+
+    def run(folder: Path) -> dict[str, list[dict[str, str]] | str]:
         folder.mkdir(parents=True)
         _write_adapters(folder)
-        if name in ("atomic", "transformers"):
+        if {"atomic", "transformers"} & set(group):
             _write_transformers(folder)
-        if name == "one_rank":
+        if "one_rank" in group:
             _write_one_rank_adapters(folder)
-        return run_ranks(name, folder, timeout=timeout)
+        return run_group(list(group), folder, timeouts=TIMEOUTS)
 
-    return once_per_session(name, tmp_path_factory.getbasetemp(), run)
+    outcome = once_per_session("+".join(group), tmp_path_factory.getbasetemp(), run)[name]
+    assert not isinstance(outcome, str), outcome
+    return outcome
 
 
 def _write_one_rank_adapters(folder: Path) -> None:
@@ -388,9 +423,7 @@ def test_a_load_failing_on_one_rank_changes_no_rank(atomic: list[dict[str, str]]
 
 @pytest.fixture(scope="module")
 def interrupted(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, str]]:
-    # bounded well below the ranks' process-group timeout (60 s) times the calls that would wait
-    # in it: a rank left waiting for an interrupted one fails the run instead of hanging it
-    return _scenario("interrupted", tmp_path_factory, timeout=75.0)
+    return _scenario("interrupted", tmp_path_factory)
 
 
 INTERRUPTED = [
@@ -499,7 +532,7 @@ def test_compiled_sharded_model_swaps_without_recompiling(compiled: list[dict[st
 
 @pytest.fixture(scope="module")
 def layouts(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, str]]:
-    return once_per_session("layouts", tmp_path_factory.getbasetemp(), lambda folder: run_ranks("layouts", folder))
+    return _scenario("layouts", tmp_path_factory)
 
 
 LAYOUTS = [
@@ -549,8 +582,7 @@ def test_an_input_placed_otherwise_than_the_style_makes_is_refused(layouts: list
 
 @pytest.fixture(scope="module")
 def one_rank(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, str]]:
-    # bounded below the ranks' process-group timeout (60 s) times the calls that could wait in it
-    return _scenario("one_rank", tmp_path_factory, timeout=75.0)
+    return _scenario("one_rank", tmp_path_factory)
 
 
 ONE_RANK = [
@@ -650,12 +682,16 @@ def test_an_empty_shard_computes_the_unsharded_model(tmp_path: Path) -> None:
         _assert_check(results, name)
 
 
-def test_a_model_whose_targets_are_all_replicated_keeps_its_ranks_alike(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def replicated(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, str]]:
+    return _scenario("replicated_targets", tmp_path_factory)
+
+
+def test_a_model_whose_targets_are_all_replicated_keeps_its_ranks_alike(replicated: list[dict[str, str]]) -> None:
     """LoRA on layers a tensor-parallel model keeps whole on every rank (its ``lm_head``
     alone): a load failing on rank 1 only, or another scale on rank 1, changes no rank. Before,
     such a runtime had no agreement: rank 0 loaded alone and the ranks' logits differed
     (:func:`tests.parallel_worker.scenario_replicated_targets`)."""
-    results = run_ranks("replicated_targets", tmp_path)
     for name in (
         "a load only rank 1 fails",
         "unchanged after a load only rank 1 fails",
@@ -664,7 +700,7 @@ def test_a_model_whose_targets_are_all_replicated_keeps_its_ranks_alike(tmp_path
         "unchanged after another scale on rank 1",
         "a load on every rank computes the unsharded model",
     ):
-        _assert_check(results, name)
+        _assert_check(replicated, name)
 
 
 @pytest.fixture(scope="module")
