@@ -648,6 +648,12 @@ def online_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stand_in_hub: St
     return stand_in_hub
 
 
+#: LORAHOT_HUB_TIMEOUT and HF_HUB_ETAG_TIMEOUT where a test waits them out: the stand-in Hub on
+#: 127.0.0.1 answers what it answers within milliseconds, so half a second still tells an answer
+#: from a stall on a loaded machine, and each refusal waits half as long as under 1 s
+WAIT_S = 0.5
+
+
 def _local_rig(tmp_path: Path) -> Rig:
     """A runtime with a local adapter file in slot 0: what a failed Hub load must leave alone."""
     model = torch.nn.Sequential()
@@ -726,7 +732,7 @@ def test_a_hub_that_never_answers_is_refused_within_its_timeout(
     proxy or mirror) held ``load("org/name")`` until the connection dropped (400 s in an
     independent audit). The listing is now one request bounded by HF_HUB_ETAG_TIMEOUT, and the
     load is refused naming the repo and the timeout, with nothing changed."""
-    monkeypatch.setattr(hub_constants, "HF_HUB_ETAG_TIMEOUT", 1)
+    monkeypatch.setattr(hub_constants, "HF_HUB_ETAG_TIMEOUT", WAIT_S)
     online_hub.stalled = True
     started = time.monotonic()
     _refused_everywhere(
@@ -734,9 +740,9 @@ def test_a_hub_that_never_answers_is_refused_within_its_timeout(
         capsys,
         lorahot.SourceNotFoundError,
         rf"^{REPO}: cannot get the adapter from the Hub \(ReadTimeout: .*\)\. The Hub could not be reached: no answer "
-        r"within 1 s to a request \(HF_HUB_ETAG_TIMEOUT\)",
+        rf"within {re.escape(str(WAIT_S))} s to a request \(HF_HUB_ETAG_TIMEOUT\)",
     )
-    assert time.monotonic() - started < 12.5  # six refusals, each within about its 1 s
+    assert time.monotonic() - started < 6 * (WAIT_S + 1) + 0.5  # six refusals, each within about its WAIT_S
     assert online_hub.requests and all(r == f"GET /api/models/{REPO}/revision/main" for r in online_hub.requests)
 
 
@@ -746,7 +752,7 @@ def test_a_hub_that_never_answers_leaves_the_cached_snapshot_to_load(
     """As snapshot_download did on a connection error or timeout, the cache serves what it
     holds: online, a stalled Hub costs one bounded request, not the load."""
     monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(hub_constants, "HF_HUB_ETAG_TIMEOUT", 1)
+    monkeypatch.setattr(hub_constants, "HF_HUB_ETAG_TIMEOUT", WAIT_S)
     stand_in_hub.stalled = True
     adapter = within(HANG_S, lambda: lorahot.read_adapter(REPO))
     assert adapter.format == "peft" and adapter.modules["proj"].scale == 2 / 4
@@ -763,7 +769,8 @@ def _abandoned_fetches_end() -> None:
 
 #: what a fetch the deadline gave up on says: the limit, the variable setting it and the fixes
 _STALLED = (
-    r"\(HubTimeout: nothing from the Hub within 1 s \(LORAHOT_HUB_TIMEOUT\)\)[.,] .*The Hub did not serve the request "
+    rf"\(HubTimeout: nothing from the Hub within {re.escape(f'{WAIT_S:g}')} s \(LORAHOT_HUB_TIMEOUT\)\)[.,] .*The Hub "
+    r"did not serve the request "
     r"in time \(a stalled connection, or a failure huggingface_hub kept retrying: no connection, a server error, a "
     r"rate limit\), and the local cache holds no copy: check the network \(a proxy, HF_ENDPOINT\) and retry later, "
     r"or raise LORAHOT_HUB_TIMEOUT \(30 s unless set\) for a slow Hub; a copy in the local cache loads with "
@@ -793,7 +800,7 @@ def test_a_hub_that_stalls_on_a_file_is_refused_within_lorahot_hub_timeout(
     about 6.5 minutes: hf_hub_download makes a timed-out metadata request of a file not cached
     again (60 s a try, 5 retries with backoff). A fetch now waits at most LORAHOT_HUB_TIMEOUT
     for the Hub; then it is refused naming the limit and the fix, with nothing changed."""
-    monkeypatch.setenv("LORAHOT_HUB_TIMEOUT", "1")
+    monkeypatch.setenv("LORAHOT_HUB_TIMEOUT", str(WAIT_S))
     online_hub.serve({"adapter_model.safetensors": _peft_bytes(4), "adapter_config.json": b'{"r": 4, "lora_alpha": 8}'})
     online_hub.stalling.add(stalling)
     rig = _local_rig(tmp_path)
@@ -801,7 +808,7 @@ def test_a_hub_that_stalls_on_a_file_is_refused_within_lorahot_hub_timeout(
     _refused_everywhere(
         rig, capsys, lorahot.SourceNotFoundError, rf"^{REPO}: cannot {what} from the Hub {_STALLED}", **kwargs
     )
-    assert time.monotonic() - started < 6 * (1 + 0.5)  # six refusals, each within its 1 s and a little
+    assert time.monotonic() - started < 6 * (WAIT_S + 0.5)  # six refusals, each within its WAIT_S and a little
     online_hub.release.set()  # the stalled requests are answered: the abandoned fetches end
     _abandoned_fetches_end()
     repo = Path(hub_constants.HF_HUB_CACHE) / f"models--{REPO.replace('/', '--')}"
@@ -824,7 +831,7 @@ def test_a_fetch_given_up_on_writes_no_ref_and_no_record_once_its_download_ends(
     online_hub.serve({"adapter_model.safetensors": _peft_bytes(4), "adapter_config.json": b'{"r": 4, "lora_alpha": 8}'})
     online_hub.stalling.add("adapter_model.safetensors")
     if given_up == "timed out":
-        monkeypatch.setenv("LORAHOT_HUB_TIMEOUT", "1")
+        monkeypatch.setenv("LORAHOT_HUB_TIMEOUT", str(WAIT_S))
         expected: type[BaseException] = lorahot.SourceNotFoundError
     else:  # the caller, polling its worker, is interrupted once the Hub holds the worker's request
         downloads = hub_watch._Watch._downloads
@@ -851,17 +858,17 @@ def test_a_fetch_given_up_on_while_it_writes_its_ref_ends_the_write_first(
     online_hub: StandInHub, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The caller gives its worker up (LORAHOT_HUB_TIMEOUT) while the worker writes the branch's
-    ref (held here for 2.5 s): it waits for that write under the lock of ``_Watch.last``, then
+    ref (held here for 2.5 times the limit): it waits for that write under the lock of ``_Watch.last``, then
     reads the snapshot the cache now holds whole. A caller that did not wait was refused ("not
     cached") and the ref appeared after the load had gone."""
     from lorahot.io import hub
 
     online_hub.serve({"adapter_model.safetensors": _peft_bytes(4), "adapter_config.json": b'{"r": 4, "lora_alpha": 8}'})
-    monkeypatch.setenv("LORAHOT_HUB_TIMEOUT", "1")
+    monkeypatch.setenv("LORAHOT_HUB_TIMEOUT", str(WAIT_S))
     record_ref = hub._record_ref
 
     def held(*args: str) -> None:
-        time.sleep(2.5)  # past the caller's 1 s
+        time.sleep(2.5 * WAIT_S)  # past the caller's limit
         record_ref(*args)
 
     monkeypatch.setattr(hub, "_record_ref", held)
@@ -876,7 +883,7 @@ def test_a_rate_limit_retried_after_an_hour_is_refused_within_lorahot_hub_timeou
     online_hub: StandInHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """hf_hub_download retries a file's 429 after its Retry-After, however long: an hour here."""
-    monkeypatch.setenv("LORAHOT_HUB_TIMEOUT", "1")
+    monkeypatch.setenv("LORAHOT_HUB_TIMEOUT", str(WAIT_S))
     online_hub.serve({"adapter_model.safetensors": _peft_bytes(4), "adapter_config.json": b'{"r": 4, "lora_alpha": 8}'})
     online_hub.limited.add("adapter_model.safetensors")
     rig = _local_rig(tmp_path)
@@ -884,7 +891,7 @@ def test_a_rate_limit_retried_after_an_hour_is_refused_within_lorahot_hub_timeou
     started = time.monotonic()
     with pytest.raises(lorahot.SourceNotFoundError, match=rf"^{REPO}: cannot get the adapter from the Hub {_STALLED}"):
         within(HANG_S, lambda: rig.runtime.load(REPO, slot=1))
-    assert time.monotonic() - started < 1 + 0.5
+    assert time.monotonic() - started < WAIT_S + 0.5
     assert_unchanged(rig, before)
 
 
@@ -894,11 +901,11 @@ def test_a_stalled_hub_leaves_the_cached_file_to_load_within_lorahot_hub_timeout
     """A single file the cache holds is read once the Hub has not answered within
     LORAHOT_HUB_TIMEOUT, as huggingface_hub reads it after its own request timed out."""
     monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setenv("LORAHOT_HUB_TIMEOUT", "1")
+    monkeypatch.setenv("LORAHOT_HUB_TIMEOUT", str(WAIT_S))
     stand_in_hub.stalled = True
     started = time.monotonic()
     adapter = within(HANG_S, lambda: lorahot.read_adapter(REPO, weight_name="adapter_model.safetensors"))
-    assert time.monotonic() - started < 1 + 0.5
+    assert time.monotonic() - started < WAIT_S + 0.5
     assert adapter.format == "peft" and adapter.modules["proj"].scale == 2 / 4
 
 
@@ -1125,7 +1132,7 @@ def test_a_cached_repo_whose_config_was_never_fetched_is_refused_not_read_at_alp
     and the fix, the runtime bitwise unchanged; the cache's record that the repo has no config
     (.no_exist, or its cached file listing without one) and config= let it load."""
     monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", hub == "offline")
-    monkeypatch.setattr(hub_constants, "HF_HUB_ETAG_TIMEOUT", 1)
+    monkeypatch.setattr(hub_constants, "HF_HUB_ETAG_TIMEOUT", WAIT_S)
     stand_in_hub.stalled = hub == "stalled"
     if hub == "refused":  # a server error answers the listing
         monkeypatch.setattr(_StandInHandler, "_answer", lambda self, body: self._send(500, b"", {}, body))
