@@ -34,15 +34,18 @@ def _run(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(list(args), capture_output=True, text=True, timeout=120)
 
 
-def test_module_inspect_prints_a_table(kohya_file: Path) -> None:
-    out = _run(sys.executable, "-m", "lorahot", "inspect", str(kohya_file))
-    assert out.returncode == 0, out.stderr
-    assert "format:  kohya" in out.stdout and "modules: 2" in out.stdout
-    assert "ranks:   4 (x1), 8 (x1)" in out.stdout
-    assert "dtypes:  float16 (x1), float32 (x1)" in out.stdout
-    row = next(line for line in out.stdout.splitlines() if line.startswith("lora_unet_mid_block_resnets_0_conv1"))
+def test_inspect_prints_a_table(kohya_file: Path, capsys: pytest.CaptureFixture) -> None:
+    """In this process: the table is cli.main's. Real ``python -m lorahot`` processes print
+    (test_a_closed_pipe_ends_quietly) and exit with their status (the unwritable-stdout tests);
+    the console script prints and exits 0 (test_console_script_json)."""
+    code, stdout, stderr = _main(capsys, "inspect", str(kohya_file))
+    assert code == 0 and stderr == "", stderr
+    assert "format:  kohya" in stdout and "modules: 2" in stdout
+    assert "ranks:   4 (x1), 8 (x1)" in stdout
+    assert "dtypes:  float16 (x1), float32 (x1)" in stdout
+    row = next(line for line in stdout.splitlines() if line.startswith("lora_unet_mid_block_resnets_0_conv1"))
     assert row.split() == ["lora_unet_mid_block_resnets_0_conv1", "lora", "8", "8", "1", "8x32x3x3", "32x8x1x1"]
-    assert "kinds:   lora (x2)\n" in out.stdout and "components: lora_unet_ (x2)" in out.stdout
+    assert "kinds:   lora (x2)\n" in stdout and "components: lora_unet_ (x2)" in stdout
 
 
 @pytest.mark.skipif(not SCRIPT.exists(), reason="lorahot is not installed as a console script here")
@@ -65,13 +68,6 @@ def test_console_script_json(kohya_file: Path) -> None:
     }
 
 
-def test_errors_go_to_stderr_with_status_2(tmp_path: Path) -> None:
-    (tmp_path / "model.ckpt").write_bytes(b"not really a pickle")
-    out = _run(sys.executable, "-m", "lorahot", "inspect", str(tmp_path / "model.ckpt"))
-    assert out.returncode == 2 and out.stdout == ""
-    assert "lorahot never unpickles. Convert it to .safetensors" in out.stderr
-
-
 def _main(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str, str]:
     """``lorahot ARGS`` in this process: (exit status, stdout, stderr)."""
     from lorahot import cli
@@ -89,6 +85,17 @@ def _one_line_error(result: tuple[int, str, str], text: str) -> None:
     assert code == 2 and out == "", result
     assert err.count("\n") == 1 and err.startswith("lorahot: error: "), err
     assert text in err and "Traceback" not in err
+
+
+def test_errors_go_to_stderr_with_status_2(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """In this process: the status and the streams are cli.main's. That a real process exits
+    with its status 2, nothing on stdout and the one line on stderr is checked by
+    test_huggingface_hubs_progress_bars_logs_and_warnings_stay_off_stderr[fail]; python -m lorahot's
+    own exit statuses by the closed-pipe and unwritable-stdout tests."""
+    (tmp_path / "model.ckpt").write_bytes(b"not really a pickle")
+    _one_line_error(
+        _main(capsys, "inspect", str(tmp_path / "model.ckpt")), "lorahot never unpickles. Convert it to .safetensors"
+    )
 
 
 def test_any_bad_file_or_argument_is_one_line_on_stderr(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
