@@ -221,24 +221,39 @@ def _model_own(keys: list[str], names: ModelNames | None) -> frozenset[str]:
     if names is None:
         return frozenset()
     out = []
+    seen: dict[tuple[str, bool], bool] = {}  # (module key, underscored): most namings read a key alike
     for key in keys:
         modules = [(f, parsed[0]) for f in FORMATS if (parsed := f.parse(key)) is not None]
-        if modules and all(_names_module(f, module, names) for f, module in modules):
+        if modules and all(_names_module(f, module, names, seen) for f, module in modules):
             out.append(key)
     return frozenset(out)
 
 
-def _names_module(fmt: KeyFormat, module: str, names: ModelNames) -> bool:
-    """Whether ``module``, a module key of ``fmt``, names a module of the model (``names``)."""
-    bare = [module, *(module[len(p) :] for p in _PREFIXES if module.startswith(p))]
-    if any(m in names.dotted for m in bare):
-        return True
-    return fmt.separator == "_" and any(m.replace(".", "_") in names.underscored for m in bare)
+def _names_module(
+    fmt: KeyFormat, module: str, names: ModelNames, seen: dict[tuple[str, bool], bool] | None = None
+) -> bool:
+    """Whether ``module``, a module key of ``fmt``, names a module of the model (``names``); the
+    answers already given for the same module and separator are read from ``seen``."""
+    asked = (module, fmt.separator == "_")
+    if seen is not None and asked in seen:
+        return seen[asked]
+    bare = [module]
+    if module.startswith(_PREFIXES):
+        bare += [module[len(p) :] for p in _PREFIXES if module.startswith(p)]
+    found = any(m in names.dotted for m in bare) or (
+        asked[1] and any(m.replace(".", "_") in names.underscored for m in bare)
+    )
+    if seen is not None:
+        seen[asked] = found
+    return found
 
 
 def _marked(fmt: KeyFormat, keys: list[str], model_own: frozenset[str]) -> bool:
     """Whether ``fmt``'s marker (if any) matches a key of ``keys`` other than the model's own names."""
-    return not fmt.marker or not model_own or any(re.search(fmt.marker, k) for k in keys if k not in model_own)
+    if not fmt.marker or not model_own:
+        return True
+    marker = re.compile(fmt.marker)
+    return any(marker.search(k) for k in keys if k not in model_own)
 
 
 def _module_claims(fmt: KeyFormat, keys: list[str]) -> Callable[[str], int]:

@@ -109,6 +109,9 @@ _CLASSIFIED: BoundedMemo[tuple[KeyFormat, str], tuple[str | None, tuple[str, str
     16 << 20, lambda k, v: 2 * str_bytes(k[1])
 )
 
+#: (format, key) -> :meth:`KeyFormat.claims` of the key, for the marked formats
+_CLAIMED: BoundedMemo[tuple[KeyFormat, str], int] = BoundedMemo(4 << 20, lambda k, v: str_bytes(k[1]))
+
 
 @dataclass(frozen=True)
 class Rule:
@@ -404,9 +407,13 @@ class KeyFormat:
         only its marker matches it, 0 where neither, and for a naming without a marker (PEFT's,
         kohya's plain names), whose rules read any model's names; a key outside the prefixes it
         requires is never its own but by its marker. What tells a file's stray keys of another naming
-        from its own where both namings read them (:func:`lorahot.formats.read_as`)."""
+        from its own where both namings read them (:func:`lorahot.formats.read_as`). Memoized, as
+        :meth:`parse` is: a file's keys are claimed once per vote and per naming."""
         if not self.marker:
             return 0
+        return _CLAIMED.get((self, key), self._claims, key)
+
+    def _claims(self, key: str) -> int:
         marked = 1 if _compiled(self.marker).search(key) else 0
         raw = next((m for m in (rule.match(key) for rule in self.rules) if m is not None), None)
         if raw is None:
@@ -436,7 +443,7 @@ class KeyFormat:
 
     def score(self, keys: list[str]) -> int:
         """How many keys this format parses; -1 if its marker or required prefix is absent."""
-        if self.marker and not any(re.search(self.marker, k) for k in keys):
+        if self.marker and not any(map(_compiled(self.marker).search, keys)):
             return -1
         modules = [p[0] for p in map(self.parse, keys) if p is not None]
         if self.require_prefix and not any(m.startswith(self.prefixes) for m in modules):
@@ -445,7 +452,7 @@ class KeyFormat:
 
     def detect(self, keys: list[str]) -> bool:
         """True if every key parses (or is a known refusal) and prefixes agree."""
-        if not keys or (self.marker and not any(re.search(self.marker, k) for k in keys)):
+        if not keys or (self.marker and not any(map(_compiled(self.marker).search, keys))):
             return False
         modules = []
         for key in keys:
