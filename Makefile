@@ -1,6 +1,11 @@
 # Two entry points: `make demo` and `make test`. Both build a local virtualenv first.
 # torch: reuse the system's if there is one; otherwise install the CPU build (2.13.0+cpu),
 # never a multi-GB CUDA build.
+# --no-compile: pip would byte-compile every module of torch, transformers and diffusers, most
+# never imported (about a minute of a 2-core machine). The import check that ends the install
+# compiles and writes the bytecode of what the packages import instead, with
+# PYTHONDONTWRITEBYTECODE emptied (where it is set, no later process would write it), as make
+# test does for the rest.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -15,19 +20,19 @@ $(STAMP): pyproject.toml
 	    $(PY) -m venv --system-site-packages $(VENV); \
 	else \
 	    $(PY) -m venv $(VENV) && \
-	    { $(BIN)/pip install -q "$(TORCH_CPU)" 2>/dev/null || \
-	      $(BIN)/pip install -q "$(TORCH_CPU)" --extra-index-url $(TORCH_CPU_INDEX); }; \
+	    { $(BIN)/pip install -q --no-compile "$(TORCH_CPU)" 2>/dev/null || \
+	      $(BIN)/pip install -q --no-compile "$(TORCH_CPU)" --extra-index-url $(TORCH_CPU_INDEX); }; \
 	fi
-	$(BIN)/python -c "import torch; print('torch==' + torch.__version__)" > $(VENV)/constraints.txt
-	$(BIN)/pip install -q -c $(VENV)/constraints.txt -e ".[test]"
-	$(BIN)/python -c "import lorahot, peft, diffusers, transformers, hypothesis, xdist"
+	PYTHONDONTWRITEBYTECODE= $(BIN)/python -c "import torch; print('torch==' + torch.__version__)" > $(VENV)/constraints.txt
+	$(BIN)/pip install -q --no-compile -c $(VENV)/constraints.txt -e ".[test]"
+	PYTHONDONTWRITEBYTECODE= $(BIN)/python -c "import lorahot, peft, diffusers, transformers, hypothesis, xdist"
 	$(BIN)/ruff --version && $(BIN)/mypy --version
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python examples/hotswap_demo.py
-	$(BIN)/python examples/generate_demo.py
-	$(BIN)/python examples/pipeline_demo.py
+	PYTHONDONTWRITEBYTECODE= $(BIN)/python examples/hotswap_demo.py
+	PYTHONDONTWRITEBYTECODE= $(BIN)/python examples/generate_demo.py
+	PYTHONDONTWRITEBYTECODE= $(BIN)/python examples/pipeline_demo.py
 
 # lint: ruff (lint and format) over the code, mypy over the package; configured in pyproject.toml.
 lint: $(STAMP)
