@@ -123,9 +123,11 @@ def test_the_fused_routed_path_compiles_once_for_every_routing_with_static_shape
     operator's CPU formula standing in for the kernels: each routing's output equals the per-row
     reference, on one graph; an input that does not fit the routing is still refused (the
     general path's refusal). Compiled with ``aot_eager``: the graph count and the refusal are
-    dynamo's, and inductor's lowering of this graph (the same model, batch and routings) is
-    checked at the reference by :func:`test_routed_layers_sharing_an_input_share_one_shrink`'s
-    control."""
+    dynamo's, and inductor's lowering of the fused path's per-row graph is checked at the
+    reference by
+    :func:`test_per_row_and_per_token_routings_compile_once_each_and_read_the_batch_as_they_say`
+    (the stacking of shrinks off, as here) and
+    :func:`test_routed_layers_sharing_an_input_share_one_shrink` (on; this batch and routings)."""
     _fused_on_the_cpu(monkeypatch)
     model, runtime, held = _setup()
     assert runtime.layers["layers.0.self_attn.q_proj"]._plan[1]
@@ -207,22 +209,34 @@ def test_per_row_and_per_token_routings_compile_once_each_and_read_the_batch_as_
     either kind recompile nothing; a per-row routing of 8 entries is not read as 8 tokens
     (refused, compiled as eagerly): only ``lengths=`` says a routing is per token. The fused
     path compiles with inductor (its routed operator lowered there, per row and per token); the
-    library formula with ``aot_eager`` (the graph counts are dynamo's guards, as under inductor)."""
+    library formula with ``aot_eager`` (the graph counts are dynamo's guards, as under inductor).
+
+    The fused case is also the negative control of
+    :func:`test_routed_layers_sharing_an_input_share_one_shrink`: the stacking of routed shrinks
+    off (``stacked_routed.ENABLED``, its default), the post-grad graph of its first (per-row)
+    compile holds the six routed linears alone, each with its own shrink."""
+    from lorahot.kernels import stacked_routed
+
     if fused:
         _fused_on_the_cpu(monkeypatch)
+        monkeypatch.setattr(stacked_routed, "ENABLED", False)
     model, runtime, held = _setup()
     ids = token_ids((2, 4), 32, seed=5)
     counter = torch._dynamo.testing.CompileCounterWithBackend("inductor" if fused else "aot_eager")
     compiled = torch.compile(model, backend=counter, fullgraph=True, dynamic=False)
+    ops: list[str] = []
     with torch.no_grad():
         for route in ([1, 0], [0, 2], [2, -1]):
             with torch._dynamo.config.patch(error_on_recompile=route != [1, 0]):
                 want = _expected(ids, route, held)
                 runtime.activate(route)
-                torch.testing.assert_close(compiled(ids).double(), want, rtol=1e-4, atol=1e-5)
+                with _recording_routed_ops(ops) if route == [1, 0] else contextlib.nullcontext():
+                    torch.testing.assert_close(compiled(ids).double(), want, rtol=1e-4, atol=1e-5)
                 runtime.activate(route, lengths=[4, 4])
                 torch.testing.assert_close(compiled(ids).double(), want, rtol=1e-4, atol=1e-5)
         assert counter.frame_count == 2
+        if fused:  # the stacking's negative control: the pass off, each layer its own shrink
+            assert ops == ["lorahot.routed_lora_linear.default"] * 6
         runtime.activate([1, 1, 1, 1, 0, 0, 0, 0])
         with pytest.raises(lorahot.UsageError, match="does not fit a routing of 8 entries"):
             torch.compile(model, backend="aot_eager", dynamic=False)(ids)
@@ -254,26 +268,25 @@ def _routed_ops(model: torch.nn.Module, ids: torch.Tensor, dynamic: bool) -> tup
     return seen, compiled
 
 
-@pytest.mark.parametrize("stacked", [True, False], ids=["stacked", "control: the pass off"])
-def test_routed_layers_sharing_an_input_share_one_shrink(stacked: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_routed_layers_sharing_an_input_share_one_shrink(monkeypatch: pytest.MonkeyPatch) -> None:
     """With ``LORAHOT_STACK_ROUTED`` on (``stacked_routed.ENABLED``), the routed q_proj and
     v_proj of each block (their A rows adjacent in the arena, one input) take one routed shrink
     and each its columns of it; up_proj alone keeps its own. Every routing's output equals the
     per-row reference on one graph (the operators' CPU formulas standing in for the kernels:
-    the layers' expands read the stacked shrink's columns there too)."""
+    the layers' expands read the stacked shrink's columns there too). The negative control (the
+    pass off: six routed linears, no shared shrink) is the inductor compile of the same fused
+    model in
+    :func:`test_per_row_and_per_token_routings_compile_once_each_and_read_the_batch_as_they_say`."""
     from lorahot.kernels import stacked_routed
 
     _fused_on_the_cpu(monkeypatch)
-    monkeypatch.setattr(stacked_routed, "ENABLED", stacked)
+    monkeypatch.setattr(stacked_routed, "ENABLED", True)
     model, runtime, held = _setup()
     ids = token_ids((4, 6), 32, seed=1)
     runtime.activate([0, 1, 2, -1])
     ops, compiled = _routed_ops(model, ids, dynamic=False)
     linear, shrink = "lorahot.routed_lora_linear.default", "lorahot.routed_shrink.default"
-    if stacked:
-        assert ops == [linear] * 2 + [f"{linear}+h"] * 4 + [shrink] * 2
-    else:
-        assert ops == [linear] * 6
+    assert ops == [linear] * 2 + [f"{linear}+h"] * 4 + [shrink] * 2
     with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=True):
         for route in ([0, 1, 2, -1], [2, 2, 0, 1], [-1, -1, -1, 0]):
             runtime.activate(route)
