@@ -127,7 +127,7 @@ def test_layers_whose_a_rows_are_not_neighbours_keep_their_own_shrinks(monkeypat
     names = ["q", "gate", "k", "v", "o"]
     runtime = _inject(model, names, True, monkeypatch)
     runtime.load(make_adapter(model, dict.fromkeys(names, 4))[0])
-    x = torch.randn(3, D, dtype=torch.float64)
+    x = torch.randn(2, 5, D, dtype=torch.float64)  # the shape of the other static tests: kernels built once
     mm, _, out = _mm_counts(model, x)
     assert mm == 4  # q, gate, k+v, o
     torch.testing.assert_close(out, _eager(model, x), rtol=1e-9, atol=1e-9)
@@ -163,7 +163,7 @@ def test_a_model_without_lorahot_layers_compiles_to_the_same_code() -> None:
     with the pass as without."""
     torch.manual_seed(0)
     model = _Attention().double()
-    x = torch.randn(4, D, dtype=torch.float64)
+    x = torch.randn(2, 5, D, dtype=torch.float64)  # the shape of the other static tests: kernels built once
     codes = []
     for installed in (False, True):
         torch._dynamo.reset()
