@@ -220,32 +220,36 @@ def _model_own(keys: list[str], names: ModelNames | None) -> frozenset[str]:
     module: the lookup tries a key's exact name before a naming's aliases or splits."""
     if names is None:
         return frozenset()
-    out = []
-    seen: dict[tuple[str, bool], bool] = {}  # (module key, underscored): most namings read a key alike
-    for key in keys:
-        modules = [(f, parsed[0]) for f in FORMATS if (parsed := f.parse(key)) is not None]
-        if modules and all(_names_module(f, module, names, seen) for f, module in modules):
-            out.append(key)
-    return frozenset(out)
+    return frozenset(
+        key
+        for key in keys
+        if (modules := _READ_AS_MODULES.get(key, _modules_read, key))
+        and all(_names_module(module, underscored, names) for module, underscored in modules)
+    )
 
 
-def _names_module(
-    fmt: KeyFormat, module: str, names: ModelNames, seen: dict[tuple[str, bool], bool] | None = None
-) -> bool:
-    """Whether ``module``, a module key of ``fmt``, names a module of the model (``names``); the
-    answers already given for the same module and separator are read from ``seen``."""
-    asked = (module, fmt.separator == "_")
-    if seen is not None and asked in seen:
-        return seen[asked]
+def _modules_read(key: str) -> tuple[tuple[str, bool], ...]:
+    """The modules the namings that read ``key`` read it as, each once, with whether the naming
+    spells the model's ``.`` as ``_`` (most namings read a key alike)."""
+    read = ((parsed[0], f.separator == "_") for f in FORMATS if (parsed := f.parse(key)) is not None)
+    return tuple(dict.fromkeys(read))
+
+
+#: tensor key -> :func:`_modules_read` of it (keys come from files: bounded by bytes)
+_READ_AS_MODULES: BoundedMemo[str, tuple[tuple[str, bool], ...]] = BoundedMemo(
+    4 << 20, lambda k, v: 2 * len(k) + sum(len(m) + 64 for m, _ in v)
+)
+
+
+def _names_module(module: str, underscored: bool, names: ModelNames) -> bool:
+    """Whether ``module``, a module key of a naming (``underscored`` where it spells the model's
+    ``.`` as ``_``), names a module of the model (``names``)."""
     bare = [module]
     if module.startswith(_PREFIXES):
         bare += [module[len(p) :] for p in _PREFIXES if module.startswith(p)]
-    found = any(m in names.dotted for m in bare) or (
-        asked[1] and any(m.replace(".", "_") in names.underscored for m in bare)
+    return any(m in names.dotted for m in bare) or (
+        underscored and any(m.replace(".", "_") in names.underscored for m in bare)
     )
-    if seen is not None:
-        seen[asked] = found
-    return found
 
 
 def _marked(fmt: KeyFormat, keys: list[str], model_own: frozenset[str]) -> bool:

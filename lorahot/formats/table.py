@@ -528,6 +528,13 @@ _PROBES = ("lora_down.weight", "lora_A.weight", "lora.down.weight", "hada_w1_a",
 #: ``lora_magnitude_vector.<adapter>.weight``): a bound on the parses of a hostile key.
 _OWNER_DEPTH = 4
 
+#: (format, probe key) -> its parse, for :func:`_owner`'s probes: apart from the keys' own memo
+#: (:data:`_CLASSIFIED`), which keys a file does not have would crowd out; a file read again with
+#: ``strict=False`` probes the same keys
+_PROBED: BoundedMemo[tuple[KeyFormat, str], tuple[str, str] | None] = BoundedMemo(
+    4 << 20, lambda k, v: 2 * str_bytes(k[1])
+)
+
 
 def _owner(fmt: KeyFormat, key: str, parts: Parts) -> str | None:
     """The module of ``parts`` that ``key`` belongs to (its DoRA scale, its bias, a factor of
@@ -540,7 +547,7 @@ def _owner(fmt: KeyFormat, key: str, parts: Parts) -> str | None:
         if end <= 0:
             return None
         for probe in _PROBES:
-            parsed = fmt._parse(key[: end + 1] + probe)
+            parsed = _PROBED.get((fmt, key[: end + 1] + probe), fmt._parse, key[: end + 1] + probe)
             if parsed is not None and parsed[0] in parts:
                 return parsed[0]
     return None
