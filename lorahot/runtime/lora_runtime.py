@@ -252,6 +252,9 @@ class LoraRuntime:
         self._cache = AdapterCache(cache_bytes)
         self._skeletons = Skeletons()  # the plans' structures by the reader's recipe
         self._merger = Merger(layers, buffers) if merged else None
+        #: merged: inductor's global freezing was seen on (at inject, or at a call that writes),
+        #: so a model compiled meanwhile may hold the merged weights as constants (see _check_frozen)
+        self._merged_frozen = merged and freezing_on()
         #: the host (and device) buffers files are read into, reused from load to load; not in
         #: merged mode, which recomputes the merged weights from the plans' tensors
         self._read_buffers = ReadBuffers(self._read_device) if self._read_device is not None and not merged else None
@@ -1708,15 +1711,21 @@ class LoraRuntime:
         :data:`lorahot.layers.tensor_handles.FROZEN`; merged, whose forward is the base
         module's, while inductor's global ``freezing`` is on): its graph holds them as constants
         of its compile, so it would go on computing that adapter whatever the call writes,
-        silently."""
-        merged = self._merger is not None and freezing_on()
+        silently. Merged, once freezing was seen on (at inject or at such a call) the refusal
+        stays after freezing is turned off again: a graph compiled meanwhile still holds the
+        weights of its compile until ``torch._dynamo.reset()``, which lorahot cannot see, so the
+        runtime is ejected and injected again, as the message says."""
+        now = self._merger is not None and freezing_on()
+        self._merged_frozen = self._merged_frozen or now
+        merged = self._merged_frozen
         if not (merged or any(arena.handle.key in FROZEN for arena in self.buffers.arenas)):
             return
         if merged:  # merged, the forward is the base module's own: lorahot cannot see whether it was compiled
             what = (
-                "inductor's freezing is on (torch._inductor.config.freezing = True), and a model compiled with it "
-                "holds the merged weights as constants of its compiled code (a merged model's forward is its base "
-                "modules' own, so lorahot cannot tell whether this one was compiled)"
+                f"inductor's freezing {'is' if now else 'was'} on (torch._inductor.config.freezing = True"
+                f"{'' if now else ' at inject or at an earlier call of this runtime'}), and a model compiled with "
+                "it holds the merged weights as constants of its compiled code (a merged model's forward is its "
+                "base modules' own, so lorahot cannot tell whether this one was compiled)"
             )
         else:
             what = (

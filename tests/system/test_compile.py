@@ -668,6 +668,27 @@ def _arena_and_weights(runtime: lorahot.LoraRuntime, model: nn.Module) -> list[t
     return arenas + [t.clone() for t in model.state_dict().values()]
 
 
+@pytest.mark.parametrize("freezing_at_inject", [True, False], ids=["freezing-at-inject", "control: freezing off"])
+def test_a_merged_runtime_injected_under_freezing_refuses_writes_after_it_is_turned_off(
+    freezing_at_inject: bool,
+) -> None:
+    """Merged, lorahot cannot see whether the model was compiled: its forward is the base
+    modules' own. A runtime injected while inductor's freezing was on may serve a model
+    compiled then (with the merged weights folded in) after freezing is turned off again, so
+    its writes stay refused, nothing changed; injected with freezing off, they go through."""
+    model = tiny_convnet()
+    with torch._inductor.config.patch(freezing=freezing_at_inject):
+        runtime = lorahot.inject(model, list(NAMES), max_rank=MAX_RANK, merged=True)
+    adapter, _ = make_adapter(model, {"embed": 2, "proj": 3}, seed=1)
+    if not freezing_at_inject:
+        runtime.load(adapter)
+        return
+    before = _arena_and_weights(runtime, model)
+    with pytest.raises(lorahot.UsageError, match=r"^inductor's freezing was on .* at inject or at an earlier call"):
+        runtime.load(adapter)
+    assert all(torch.equal(x, y) for x, y in zip(before, _arena_and_weights(runtime, model)))
+
+
 @pytest.mark.parametrize("merged", [False, True], ids=["unmerged", "merged"])
 @pytest.mark.parametrize("freezing", [True, False], ids=["freezing", "control: freezing off"])
 def test_a_model_compiled_with_inductor_freezing_refuses_every_write_with_nothing_changed(
@@ -679,8 +700,10 @@ def test_a_model_compiled_with_inductor_freezing_refuses_every_write_with_nothin
     of its compile through every later load, ``set_scale`` and ``unload``, with no recompile
     and no error (0.88 off the eager model after a swap on this model, 0.46 after
     ``set_scale(0)``). Those calls are now refused, every buffer, weight and the compiled
-    output bitwise unchanged; ``preload`` (which writes no buffer) still runs. With freezing
-    off the same calls go through and the compiled model follows them without recompiling."""
+    output bitwise unchanged; ``preload`` (which writes no buffer) still runs. They stay refused
+    once freezing is turned off again (the graph of the compile is still served). With freezing
+    off from the start the same calls go through and the compiled model follows them without
+    recompiling."""
     model = tiny_convnet()
     runtime = lorahot.inject(model, list(NAMES), max_rank=MAX_RANK, slots=2, merged=merged)
     ranks = {"embed": 2, "proj": 3} if merged else {"embed": 2, "conv": 2, "proj": 3}  # (a grouped conv merges none)
@@ -711,6 +734,21 @@ def test_a_model_compiled_with_inductor_freezing_refuses_every_write_with_nothin
         for name, call in calls.items():
             refused = (
                 r"^inductor's freezing is on .* merged weights .* Nothing"
+                if merged
+                else r"^inductor compiled this model with freezing=True .* LoRA buffers .* Nothing"
+            )
+            with pytest.raises(lorahot.UsageError, match=refused):
+                call()
+            after = _arena_and_weights(runtime, model)
+            assert all(torch.equal(x, y) for x, y in zip(before, after)), name
+            assert torch.equal(compiled(IDS), output), name
+    # freezing off again, no dynamo reset: the compiled graph still holds the constants of its
+    # compile, so every write is still refused (merged, a load went through here and the model
+    # kept computing the first adapter: the merged weights changed under a graph that no longer read them)
+    with torch.no_grad():
+        for name, call in calls.items():
+            refused = (
+                r"^inductor's freezing was on .* at inject or at an earlier call .* merged weights .* Nothing"
                 if merged
                 else r"^inductor compiled this model with freezing=True .* LoRA buffers .* Nothing"
             )
