@@ -697,6 +697,7 @@ class LoraRuntime:
         ``read_kwargs`` may hold a ``denoiser`` (:func:`routed`): where modules go, not a read option."""
         read_kwargs = dict(read_kwargs)
         denoiser = read_kwargs.pop("denoiser", None)
+        loads = functools.partial(self._fit, strict=False, denoiser=denoiser)  # what strict=False would load
         if self._agreement is None:
             recipe: list[object] = []
             lent = self._read_buffers.lend(part) if self._read_buffers is not None and part is not None else None
@@ -705,7 +706,6 @@ class LoraRuntime:
             def fits(meta: Adapter) -> None:  # a file's first read: its fit from the header, before its data
                 self._fit(meta, strict, denoiser)
 
-            loads = functools.partial(self._fit, strict=False, denoiser=denoiser)  # what strict=False would load
             with (
                 lent or contextlib.nullcontext(),
                 largest_tensor(self._largest),
@@ -715,7 +715,6 @@ class LoraRuntime:
                 adapter = read_adapter(source, device=device, _recipe=recipe, _fits=fits, **read_kwargs)
             return adapter, recipe[0] if recipe else None
 
-        loads = functools.partial(self._fit, strict=False, denoiser=denoiser)
         with largest_tensor(self._largest), reading_for(self._names), loading_into(loads):
             return read_adapter(source, device=device, **read_kwargs), None
 

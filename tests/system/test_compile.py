@@ -731,29 +731,19 @@ def test_a_model_compiled_with_inductor_freezing_refuses_every_write_with_nothin
                 torch.testing.assert_close(compiled(IDS).double(), model_reference(tiny_convnet(), IDS, {}))
             return
         before, output = _arena_and_weights(runtime, model), compiled(IDS)
-        for name, call in calls.items():
-            refused = (
-                r"^inductor's freezing is on .* merged weights .* Nothing"
-                if merged
-                else r"^inductor compiled this model with freezing=True .* LoRA buffers .* Nothing"
-            )
-            with pytest.raises(lorahot.UsageError, match=refused):
-                call()
-            after = _arena_and_weights(runtime, model)
-            assert all(torch.equal(x, y) for x, y in zip(before, after)), name
-            assert torch.equal(compiled(IDS), output), name
+
+        def all_refused(merged_refusal: str) -> None:
+            refused = merged_refusal if merged else r"^inductor compiled this model with freezing=True .* LoRA buffers"
+            for name, call in calls.items():
+                with pytest.raises(lorahot.UsageError, match=refused + r" .* Nothing"):
+                    call()
+                after = _arena_and_weights(runtime, model)
+                assert all(torch.equal(x, y) for x, y in zip(before, after)), name
+                assert torch.equal(compiled(IDS), output), name
+
+        all_refused(r"^inductor's freezing is on .* merged weights")
     # freezing off again, no dynamo reset: the compiled graph still holds the constants of its
     # compile, so every write is still refused (merged, a load went through here and the model
     # kept computing the first adapter: the merged weights changed under a graph that no longer read them)
     with torch.no_grad():
-        for name, call in calls.items():
-            refused = (
-                r"^inductor's freezing was on .* at inject or at an earlier call .* merged weights .* Nothing"
-                if merged
-                else r"^inductor compiled this model with freezing=True .* LoRA buffers .* Nothing"
-            )
-            with pytest.raises(lorahot.UsageError, match=refused):
-                call()
-            after = _arena_and_weights(runtime, model)
-            assert all(torch.equal(x, y) for x, y in zip(before, after)), name
-            assert torch.equal(compiled(IDS), output), name
+        all_refused(r"^inductor's freezing was on .* at inject or at an earlier call .* merged weights")
