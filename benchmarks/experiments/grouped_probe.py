@@ -369,19 +369,41 @@ def timed(call: Call, n: int = 30) -> tuple[float, float, float]:
     return host, synced, (time.perf_counter() - t) / n * 1e3
 
 
+_LIBRARY_EXPANDS = wide_groups._expands
+
+
+def _unrolled_expands(
+    yh: torch.Tensor, bt: torch.Tensor, outs: list[int], at: list[int], r: int, rows: int
+) -> list[tuple[torch.Tensor, int, int]]:
+    """Form ``lorahot_unrolled``: each member's expand as a sum over the rank, ``(h[:, :, None] *
+    B_s.T[None]).sum(1)`` in float32, which the compiler unrolls into an elementwise expression
+    (``unroll_reductions_threshold`` above the rank, set by :func:`switches`) and computes inside
+    whatever reads the member's output (the residual add and RMSNorm, the SiLU product, RoPE):
+    no expand GEMM, so each layer costs the launches of its one GEMM over ``[W; A]``."""
+    parts = []
+    for i, o in zip(at, outs, strict=True):
+        h = yh[:, i + o : i + o + r].float()
+        d = (h.unsqueeze(-1) * bt[:, i : i + o].float().unsqueeze(0)).sum(1).to(yh.dtype)
+        parts.append((d[None], i, o + r))
+    return parts
+
+
 def switches(name: str) -> None:
     """Sets the library's switches for form ``name``: read when a model compiles (which follows
     its ``make``), and ``ALONE`` guarded by the compiled code, so set again before each call."""
     name = name.removesuffix("_dyn")
     wide_groups.ONE_BUFFER = name != "lorahot_split"
     wide_groups.ALONE = name != "lorahot_traced"
+    unrolled = name == "lorahot_unrolled"
+    wide_groups._expands = _unrolled_expands if unrolled else _LIBRARY_EXPANDS
+    torch._inductor.config.unroll_reductions_threshold = MAX_RANK + 1 if unrolled else 8
 
 
 def make(name: str, w: Any, ab: dict[str, tuple[torch.Tensor, torch.Tensor]], keep: list[Any]) -> torch.nn.Module:
     name = name.removesuffix("_dyn")
     model = w.fresh_base()
     switches(name)
-    if name in ("lorahot", "lorahot_traced", "lorahot_split"):
+    if name in ("lorahot", "lorahot_traced", "lorahot_split", "lorahot_unrolled"):
         runtime = lorahot.inject(model, TARGETS, max_rank=MAX_RANK)
         runtime.load(adapter_file(w.adapters[MAX_RANK]))
         keep.append(runtime)
@@ -519,8 +541,13 @@ def main() -> None:
     forms = tuple(os.environ.get("PROBE_FORMS", "base,lorahot,op_each,group_rows,group_bd").split(","))
     if "k" in parts:  # the kernels of one decode call per form, on the 2-layer model
         kernels(forms)
-    if "d" in parts:
-        part("default", {"decode": w.decode, "prefill": w.prefill}, w, ab, forms)
+    if "d" in parts:  # PROBE_DROWS: more row counts, after these two (the graph with a symbolic row count)
+        gen = torch.Generator().manual_seed(3)
+        more = [int(n) for n in os.environ.get("PROBE_DROWS", "").split(",") if n]
+        vocab = w.config.vocab_size  # type: ignore[attr-defined]
+        shapes = {"decode": w.decode, "prefill": w.prefill}
+        shapes |= {f"rows{n}": torch.randint(0, vocab, (1, n), generator=gen).to(dev) for n in more}
+        part("default", shapes, w, ab, forms)
     if "r" in parts:
         gen = torch.Generator().manual_seed(2)
         vocab = w.config.vocab_size  # type: ignore[attr-defined]
