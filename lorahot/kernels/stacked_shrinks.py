@@ -51,7 +51,7 @@ import torch
 from torch._inductor import config as inductor_config
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
-from lorahot.kernels import extern_inputs, fx_graph, stacked_routed, wide_groups
+from lorahot.kernels import extern_inputs, fx_graph, stacked_routed, unrolled_expand, wide_groups
 from lorahot.kernels.fx_graph import (
     RESHAPES,
     adjacent_runs,
@@ -104,7 +104,14 @@ class StackShrinks(CustomGraphPass):
         earlier = [getattr(p, "uuid", lambda: None)() for p in self._before()]
         if any(u is None for u in earlier):
             return None
-        files = (__file__, extern_inputs.__file__, stacked_routed.__file__, wide_groups.__file__, fx_graph.__file__)
+        files = (
+            __file__,
+            extern_inputs.__file__,
+            stacked_routed.__file__,
+            wide_groups.__file__,
+            fx_graph.__file__,
+            unrolled_expand.__file__,
+        )
         on = (
             extern_inputs.ENABLED,
             stacked_routed.ENABLED,
@@ -112,6 +119,9 @@ class StackShrinks(CustomGraphPass):
             wide_groups.ROWS,
             wide_groups.ONE_BUFFER,
             wide_groups.JOIN_SYMBOLIC,
+            unrolled_expand.ENABLED,
+            unrolled_expand.ROWS,
+            unrolled_expand.RANK,
         )
         return (get_hash_for_files(files), *on, repr(extern_inputs.signatures()), *earlier)
 

@@ -68,6 +68,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from lorahot.kernels import compile_mode
 from lorahot.kernels import lora_linear as fused_kernel
+from lorahot.kernels import unrolled_expand as unrolled
 from lorahot.kernels.fx_graph import (
     RESHAPES,
     adjacent_runs,
@@ -236,6 +237,8 @@ def group_wide_layers(graph: torch.fx.Graph) -> int:
     saves. Elsewhere (CUDA graphs, where the body runs once, at capture) a run becomes one
     ``lorahot::wide_group``."""
     per_call = compile_mode.lowering_per_call()
+    if per_call:
+        unrolled.register()  # the lowering of the expands that expands() unrolls
     order = {node: i for i, node in enumerate(graph.nodes)}  # the operators' places, for _lower
     memo: dict[Any, torch.fx.Graph] = {}  # expands traced once per shape (fx_graph.splice)
     removed = 0
@@ -307,7 +310,7 @@ def expands(x: torch.Tensor, wide: torch.Tensor, outs: list[int], *, one_buffer:
     yh = x.reshape(rows, k) @ wide[:, :k].t()
     bt = wide[:, k:].t()  # [R, sum(out_i + R)]: B_s_i.T in member i's columns, zeros under the A rows
     at = list(itertools.accumulate([0] + [n + r for n in outs[:-1]]))
-    parts = _expands(yh, bt, outs, at, r, rows)
+    parts = _unrolled(yh, bt, outs, at, r) if unrolled.fits(rows, r) else _expands(yh, bt, outs, at, r, rows)
     if one_buffer and len(outs) > 1:
         total = wide.shape[0]
         placed = [_placed(d, start, gap, total) for d, start, gap in parts]
@@ -337,6 +340,15 @@ def _expands(yh: torch.Tensor, bt: torch.Tensor, outs: list[int], at: list[int],
         first = yh[:, outs[0] : outs[0] + r] @ bt[:, : outs[0]]
         return [(first[None], 0, outs[0] + r), (_evenly_spaced(yh, bt, at[1], m - 1, n, r), at[1], n + r)]
     return [((yh[:, i + o : i + o + r] @ bt[:, i : i + o])[None], i, o + r) for i, o in zip(at, outs, strict=True)]
+
+
+def _unrolled(yh: torch.Tensor, bt: torch.Tensor, outs: list[int], at: list[int], r: int) -> list[_Part]:
+    """Every member's expand as :func:`lorahot.kernels.unrolled_expand.unrolled_expand`, an
+    elementwise node the compiler computes inside what reads the member's output: no launch."""
+    return [
+        (unrolled.unrolled_expand(yh[:, i + o : i + o + r], bt[:, i : i + o])[None], i, o + r)
+        for i, o in zip(at, outs, strict=True)
+    ]
 
 
 def _placed(d: torch.Tensor, start: int, gap: int, total: int) -> torch.Tensor:

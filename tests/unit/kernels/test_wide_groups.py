@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import lorahot
-from lorahot.kernels import wide_groups
+from lorahot.kernels import unrolled_expand, wide_groups
 from lorahot.layers import linear as linear_layer
 from lorahot.layers.tensor_handles import TENSORS
 from lorahot.runtime import wide
@@ -452,10 +452,19 @@ def _gemms(code: list[str]) -> dict[str, int]:
     return {op: src.count(f"extern_kernels.{op}(") for op in ("mm", "addmm", "bmm")}
 
 
-@pytest.mark.parametrize("on", [True, False], ids=["joined", "negative-control"])
-@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "symbolic-rows"])
+@pytest.mark.parametrize(
+    ("dynamic", "on", "unroll"),
+    [(False, True, True), (False, True, False), (False, False, True), (True, True, True), (True, False, True)],
+    ids=[
+        "static-joined",
+        "static-joined-gemm-expands",
+        "static-negative-control",
+        "symbolic-rows-joined",
+        "symbolic-rows-negative-control",
+    ],
+)
 def test_in_default_mode_a_group_is_one_gemm_and_one_batched_expand(
-    dynamic: bool, on: bool, as_on_cuda: list[int], monkeypatch: pytest.MonkeyPatch
+    dynamic: bool, on: bool, unroll: bool, as_on_cuda: list[int], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Compiled in default mode (each call launches every kernel from the host, where an
     operator's Python body costs more than the launches it saves): q/k/v and gate/up each run
@@ -475,9 +484,16 @@ def test_in_default_mode_a_group_is_one_gemm_and_one_batched_expand(
     :data:`~lorahot.kernels.wide_groups.JOIN_SYMBOLIC` off, is also the negative control of
     :func:`test_in_default_mode_a_symbolic_row_count_joins_q_s_expand_where_switched_on` (the
     same block and switches, compiled once for both tests: q's expand apart, 9 GEMMs), at that
-    test's row counts too."""
+    test's row counts too.
+
+    At static rows up to :data:`lorahot.kernels.unrolled_expand.ROWS` (10 here) the expands are
+    unrolled into the kernels that read each output (:mod:`lorahot.kernels.unrolled_expand`):
+    one GEMM per group and per lone layer, 4 where the base model has 7, no batched expand; with
+    the unrolling off (``static-joined-gemm-expands``) the batched expands are back (6 GEMMs
+    and 2 batched). A symbolic row count is not unrolled."""
     from torch._inductor.utils import run_and_get_code
 
+    monkeypatch.setattr(unrolled_expand, "ENABLED", unroll)
     monkeypatch.setattr(wide_groups, "ENABLED", on)
     monkeypatch.setattr(wide_groups, "JOIN_SYMBOLIC", False)
     if dynamic:  # a symbolic row count is not compared with ROWS: rows on either side of it
@@ -504,6 +520,8 @@ def test_in_default_mode_a_group_is_one_gemm_and_one_batched_expand(
     # one buffer; o's and down's expands are added where their outputs are read); with a
     # symbolic row count q's expand is an mm of its own
     want = {"mm": 6 + dynamic, "addmm": 0, "bmm": 2} if on else {"mm": 6, "addmm": 5, "bmm": 0}
+    if on and unroll and not dynamic:  # one GEMM per group and per lone layer, each expand in its reader
+        want = {"mm": 4, "addmm": 0, "bmm": 0}
     assert _gemms(code) == want
     assert as_on_cuda[0] == (7 if on else 0)  # the first graph's operators (o's and down's too), all replaced
 
@@ -733,7 +751,10 @@ def test_in_default_mode_groups_of_one_shape_are_traced_once_each_copy_with_valu
     values = [n.meta["val"] for n in graphs[0].nodes if isinstance(n.meta.get("val"), torch.Tensor)]
     assert len({id(v) for v in values}) == len(values)
     ops = [str(n.target) for n in graphs[0].nodes]
-    assert ops.count("aten.bmm.default") == 4  # q/k/v's and gate/up's batched expands, per block
+    # static rows (10): every member's expand unrolled into its reader (unrolled_expand); symbolic:
+    # q/k/v's and gate/up's batched expands, per block
+    assert ops.count("aten.bmm.default") == (4 if dynamic else 0)
+    assert ops.count("lorahot.unrolled_expand.default") == (0 if dynamic else 14)
 
 
 LLAMA = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

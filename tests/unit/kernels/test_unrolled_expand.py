@@ -1,0 +1,138 @@
+"""lorahot::unrolled_expand: a few rows' expand as an elementwise node inductor fuses into its reader."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from lorahot.kernels import unrolled_expand
+
+
+def _reader(y: torch.Tensor, e: torch.Tensor, res: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """What reads a LoRA layer's output in a Llama block: the residual add, then RMSNorm."""
+    z = y + e + res
+    return z * torch.rsqrt(z.pow(2).mean(-1, keepdim=True) + 1e-6) * w
+
+
+def _launches(code: list[str]) -> tuple[int, int]:
+    """The GEMMs and the generated kernels the compiled wrapper launches per call."""
+    body = "\n".join(c.split("def call(", 1)[1] for c in code if "def call(" in c)
+    gemms = len(re.findall(r"extern_kernels\.\w+\(", body))
+    kernels = len(re.findall(r"\bcpp_fused_\w+\(|\btriton_\w+\.run\(", body))
+    return gemms, kernels
+
+
+def _inputs(rows: int, rank: int, n: int, dtype: torch.dtype) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(rows * 1000 + rank)
+    return [
+        torch.randn(*shape, generator=gen, dtype=torch.float64).to(dtype)
+        for shape in ((rows, n), (rows, rank), (rank, n), (rows, n), (n,))
+    ]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+def test_the_op_is_the_product_summed_in_float32_and_rounded_once(dtype: torch.dtype) -> None:
+    """Eagerly the op is ``h @ bt`` in float32 (float64 for float64 inputs), rounded once to the
+    inputs' dtype: bitwise that product, and within that rounding of the float64 one."""
+    _, h, bt, _, _ = _inputs(7, 16, 24, dtype)
+    wide = torch.float64 if dtype == torch.float64 else torch.float32
+    got = unrolled_expand.unrolled_expand(h, bt)
+    assert got.dtype == dtype and got.shape == (7, 24)
+    assert torch.equal(got, (h.to(wide) @ bt.to(wide)).to(dtype))
+    exact = h.double() @ bt.double()
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5}.get(dtype, 1e-2)
+    torch.testing.assert_close(got.double(), exact, rtol=tol, atol=tol)
+
+
+def test_fits_takes_a_few_static_rows_and_a_small_rank_and_a_symbolic_row_count_never(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Unrolled: static rows up to :data:`~lorahot.kernels.unrolled_expand.ROWS` and ranks up to
+    :data:`~lorahot.kernels.unrolled_expand.RANK`. A symbolic row count is not, and asking adds
+    no guard on it (one graph keeps serving every row count)."""
+    from torch._dynamo.source import ConstantSource
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    rows, rank = unrolled_expand.ROWS, unrolled_expand.RANK
+    assert unrolled_expand.fits(1, rank) and unrolled_expand.fits(rows, 1)
+    assert not unrolled_expand.fits(rows + 1, 8)
+    assert not unrolled_expand.fits(1, rank + 1)
+    assert not unrolled_expand.fits(1, 0)
+    env = ShapeEnv()
+    symbolic = env.create_symintnode(env.create_symbol(4, ConstantSource("rows")), hint=4)
+    assert not unrolled_expand.fits(symbolic, 8)
+    assert not env.guards
+    monkeypatch.setattr(unrolled_expand, "ENABLED", False)
+    assert not unrolled_expand.fits(1, 8)
+
+
+@pytest.mark.parametrize("unrolled", [True, False], ids=["unrolled", "negative-control"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_inductor_computes_the_expand_inside_the_kernel_that_reads_it(unrolled: bool, dtype: torch.dtype) -> None:
+    """Compiled by inductor, ``y + unrolled_expand(h, bt)`` read by a residual add and RMSNorm
+    is one kernel with no GEMM, as many kernels as the reader without the expand, and its
+    output equals the float64 reference (float64: 1e-10; bfloat16: within the output's
+    rounding). Negative control: the expand as ``h @ bt`` is a GEMM of its own."""
+    from torch._inductor.utils import run_and_get_code
+
+    unrolled_expand.register()
+    y, h, bt, res, w = _inputs(5, 8, 32, dtype)
+
+    def with_expand(
+        y: torch.Tensor, h: torch.Tensor, bt: torch.Tensor, res: torch.Tensor, w: torch.Tensor
+    ) -> torch.Tensor:
+        e = unrolled_expand.unrolled_expand(h, bt) if unrolled else h @ bt
+        return _reader(y, e, res, w)
+
+    def without(y: torch.Tensor, res: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return _reader(y, torch.zeros_like(y), res, w)
+
+    torch._dynamo.reset()
+    got, code = run_and_get_code(torch.compile(with_expand, fullgraph=True), y, h, bt, res, w)
+    _, plain = run_and_get_code(torch.compile(without, fullgraph=True), y, res, w)
+    want = _reader(*(t.double() for t in (y, h @ bt if dtype == torch.float64 else (h.float() @ bt.float()), res, w)))
+    tol = 1e-10 if dtype == torch.float64 else 2e-2
+    torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
+    gemms, kernels = _launches(code)
+    if unrolled:
+        assert gemms == 0
+        assert "lorahot" not in "\n".join(code)  # no call of the op's eager body: lowered
+        assert kernels == _launches(plain)[1] == 1
+    else:
+        assert gemms == 1
+
+
+def test_the_op_refuses_a_gradient() -> None:
+    """No backward: a call that would need one raises, naming the op."""
+    _, h, bt, _, _ = _inputs(3, 4, 8, torch.float32)
+    with pytest.raises(RuntimeError, match="lorahot::unrolled_expand has no backward"):
+        unrolled_expand.unrolled_expand(h.requires_grad_(), bt)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows", [1, 64, 128])
+def test_gpu_the_expand_runs_inside_the_triton_kernel_that_reads_it(rows: int) -> None:
+    """On CUDA in bf16 (rank 64, 2048 outputs: a TinyLlama o projection): the reader with the
+    unrolled expand is one Triton kernel and no GEMM, as many launches as the reader alone, and
+    its output is within bf16's rounding of the float32 reference."""
+    from torch._inductor.utils import run_and_get_code
+
+    unrolled_expand.register()
+    y, h, bt, res, w = (t.cuda() for t in _inputs(rows, 64, 2048, torch.bfloat16))
+
+    def with_expand(
+        y: torch.Tensor, h: torch.Tensor, bt: torch.Tensor, res: torch.Tensor, w: torch.Tensor
+    ) -> torch.Tensor:
+        return _reader(y, unrolled_expand.unrolled_expand(h, bt), res, w)
+
+    def without(y: torch.Tensor, res: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return _reader(y, torch.zeros_like(y), res, w)
+
+    torch._dynamo.reset()
+    got, code = run_and_get_code(torch.compile(with_expand, fullgraph=True), y, h, bt, res, w)
+    _, plain = run_and_get_code(torch.compile(without, fullgraph=True), y, res, w)
+    want = _reader(y.float(), h.float() @ bt.float(), res.float(), w.float())
+    assert float((got.float() - want).norm() / want.norm()) < 1e-2
+    assert _launches(code) == _launches(plain) == (0, 1)
