@@ -547,6 +547,8 @@ def main() -> None:
         more = [int(n) for n in os.environ.get("PROBE_DROWS", "").split(",") if n]
         vocab = w.config.vocab_size  # type: ignore[attr-defined]
         shapes = {"prefill": w.prefill, "decode": w.decode}  # as the forward suite compiles
+        picked = os.environ.get("PROBE_DSHAPES", "prefill,decode").split(",")  # a subset, in this order
+        shapes = {k: v for k, v in shapes.items() if k in picked}
         shapes |= {f"rows{n}": torch.randint(0, vocab, (1, n), generator=gen).to(dev) for n in more}
         part("default", shapes, w, ab, forms)
     if "r" in parts:

@@ -122,6 +122,7 @@ class StackShrinks(CustomGraphPass):
             unrolled_expand.ENABLED,
             unrolled_expand.ROWS,
             unrolled_expand.RANK,
+            unrolled_expand.SUMS,
         )
         return (get_hash_for_files(files), *on, repr(extern_inputs.signatures()), *earlier)
 

@@ -20,12 +20,14 @@ rows known statically and a small rank; above, the expand stays a GEMM. Outside 
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from lorahot.kernels.op_registry import define, refuse_grad
 
-__all__ = ["ENABLED", "RANK", "ROWS", "fits", "register", "unrolled_expand"]
+__all__ = ["ENABLED", "RANK", "ROWS", "SUMS", "fits", "register", "unrolled_expand", "unrolled_sums"]
 
 #: Whether :func:`fits` takes the unrolled form at all (read when a graph is compiled).
 ENABLED = True
@@ -36,6 +38,15 @@ ROWS = 128
 
 #: The largest rank unrolled: each output element sums ``R`` products.
 RANK = 64
+
+#: Whether a group whose outputs are written into one buffer (``wide_groups.ONE_BUFFER``: RoPE's
+#: q/k/v) writes it with :func:`unrolled_sums` where :func:`fits`, rather than the batched GEMM
+#: expands. Off unless ``LORAHOT_UNROLLED_SUMS=1`` at import: not yet measured on a GPU. The
+#: expands of such a group are not unrolled member by member either: inductor realizes an
+#: elementwise node of more than 100 operations as a buffer of its own, and a buffer read
+#: through the one buffer's padded views is not fused into the kernel that writes it (on an
+#: H100, q/k/v then took four kernels where the batched GEMM and the sums take two).
+SUMS = os.environ.get("LORAHOT_UNROLLED_SUMS") == "1"
 
 
 def fits(rows: int | torch.SymInt, rank: int) -> bool:
@@ -59,6 +70,32 @@ def unrolled_expand(h: torch.Tensor, bt: torch.Tensor) -> torch.Tensor:
     returned in that dtype; under inductor an elementwise node it fuses into the reader (call
     :func:`register` before the graph is lowered). No gradient."""
     out: torch.Tensor = torch.ops.lorahot.unrolled_expand(h, bt)
+    return out
+
+
+def _sums_fake(yh: torch.Tensor, bt: torch.Tensor, starts: list[int], outs: list[int]) -> torch.Tensor:
+    return yh.new_empty(yh.shape)
+
+
+@define("unrolled_sums(Tensor yh, Tensor bt, int[] starts, int[] outs) -> Tensor", _sums_fake)
+def _unrolled_sums(yh: torch.Tensor, bt: torch.Tensor, starts: list[int], outs: list[int]) -> torch.Tensor:
+    refuse_grad("unrolled_sums", yh, bt)
+    wide = torch.promote_types(yh.dtype, torch.float32)
+    rank = bt.shape[0]
+    out = yh.to(wide, copy=True)
+    for at, n in zip(starts, outs, strict=True):
+        out[:, at : at + n] += yh[:, at + n : at + n + rank].to(wide) @ bt[:, at : at + n].to(wide)
+    return out.to(yh.dtype)
+
+
+def unrolled_sums(yh: torch.Tensor, bt: torch.Tensor, starts: list[int], outs: list[int]) -> torch.Tensor:
+    """A wide group's outputs in one buffer, as :func:`lorahot.kernels.wide_groups.expands` lays
+    them out with ``one_buffer``: ``yh [rows, total]`` (the group's GEMM output, ``[y_1 | h_1 |
+    y_2 | h_2 ..]``) with each member's expand ``h_i @ bt[:, at_i : at_i + n_i]`` added to its
+    ``y_i`` columns (``starts`` the ``at_i``, ``outs`` the ``n_i``; ``bt [R, total]``), summed
+    in float32 and rounded once; the shrink columns as they are. Under inductor one elementwise
+    node, which it realizes as one kernel (the buffer the members' readers read). No gradient."""
+    out: torch.Tensor = torch.ops.lorahot.unrolled_sums(yh, bt, starts, outs)
     return out
 
 
@@ -95,6 +132,40 @@ def register() -> None:
             return ops.to_dtype(total, dtype)
 
         box: ir.TensorBox = ir.Pointwise.create(device=h.get_device(), dtype=dtype, inner_fn=element, ranges=[rows, n])
+        return box
+
+    @register_lowering(torch.ops.lorahot.unrolled_sums.default, type_promotion_kind=None)
+    def _lower_sums(yh: ir.TensorBox, bt: ir.TensorBox, starts: list[int], outs: list[int]) -> ir.TensorBox:
+        rank = int(bt.get_size()[0])
+        dtype = yh.get_dtype()
+        wide = torch.promote_types(dtype, torch.float32)
+        load_yh, load_bt = yh.make_loader(), bt.make_loader()
+
+        def element(index: list[sympy.Expr]) -> object:
+            i, c = index
+            total = ops.to_dtype(load_yh([i, c]), wide)
+            column = ops.index_expr(c, torch.int64)
+            for at, n in zip(starts, outs, strict=True):
+                inside = ops.and_(
+                    ops.ge(column, ops.index_expr(sympy.Integer(at), torch.int64)),
+                    ops.lt(column, ops.index_expr(sympy.Integer(at + n), torch.int64)),
+                )
+
+                def expand(at: int = at, n: int = n) -> object:
+                    acc = None
+                    for k in range(rank):
+                        left = ops.to_dtype(load_yh([i, sympy.Integer(at + n + k)]), wide)
+                        term = ops.mul(left, ops.to_dtype(load_bt([sympy.Integer(k), c]), wide))
+                        acc = term if acc is None else ops.add(acc, term)
+                    return acc
+
+                total = ops.add(total, ops.masked(inside, expand, 0.0))
+            return ops.to_dtype(total, dtype)
+
+        box: ir.TensorBox = ir.Pointwise.create(
+            device=yh.get_device(), dtype=dtype, inner_fn=element, ranges=list(yh.get_size())
+        )
+        box.realize()  # the one buffer the members' readers read
         return box
 
     _REGISTERED = True

@@ -310,12 +310,16 @@ def expands(x: torch.Tensor, wide: torch.Tensor, outs: list[int], *, one_buffer:
     yh = x.reshape(rows, k) @ wide[:, :k].t()
     bt = wide[:, k:].t()  # [R, sum(out_i + R)]: B_s_i.T in member i's columns, zeros under the A rows
     at = list(itertools.accumulate([0] + [n + r for n in outs[:-1]]))
-    parts = _unrolled(yh, bt, outs, at, r) if unrolled.fits(rows, r) else _expands(yh, bt, outs, at, r, rows)
+    few = unrolled.fits(rows, r)
     if one_buffer and len(outs) > 1:
-        total = wide.shape[0]
-        placed = [_placed(d, start, gap, total) for d, start, gap in parts]
-        joined = torch.as_strided(yh + sum(placed[1:], placed[0]), (rows, total), (total, 1))
+        if few and unrolled.SUMS:  # one elementwise node, which the compiler realizes as the one buffer
+            joined = unrolled.unrolled_sums(yh, bt, at, outs)
+        else:
+            total = wide.shape[0]
+            placed = [_placed(d, start, gap, total) for d, start, gap in _expands(yh, bt, outs, at, r, rows)]
+            joined = torch.as_strided(yh + sum(placed[1:], placed[0]), (rows, total), (total, 1))
         return [joined[:, i : i + o].view(*lead, o) for i, o in zip(at, outs, strict=True)]
+    parts = _unrolled(yh, bt, outs, at, r) if few else _expands(yh, bt, outs, at, r, rows)
     ds = [d[c] for d, _, _ in parts for c in range(d.shape[0])]
     return [(yh[:, i : i + o] + d).view(*lead, o) for i, o, d in zip(at, outs, ds, strict=True)]
 

@@ -198,26 +198,27 @@ def test_install_is_idempotent_runs_a_pass_installed_before_it_and_uninstalls(
     assert isinstance(installed, stacked_shrinks.StackShrinks) and installed.before is before
     # the input rewrite (on by default), the routed shrinks' stacking (off by default), the wide
     # groups (on by default), their row limit, their one-buffer switch (on) and the joined
-    # expands at symbolic rows (off), the unrolled expands (on, their row and rank limits), the
+    # expands at symbolic rows (off), the unrolled expands (on, their row and rank limits, the one
+    # buffer's sums off), the
     # live wide layers' geometries, the pass before
     geometries = repr(extern_inputs.signatures())
-    unrolled = (True, 128, 64)
+    unrolled = (True, 128, 64, False)
     assert installed.uuid()[1:] == (True, False, True, 512, True, False, *unrolled, geometries, "before")
     monkeypatch.setattr(extern_inputs, "ENABLED", False)
     # a graph compiled without it is another graph
     assert installed.uuid()[1:] == (False, False, True, 512, True, False, *unrolled, geometries, "before")
     monkeypatch.setattr(unrolled_expand, "ENABLED", False)  # and so is one compiled without the unrolled expands
-    assert installed.uuid()[1:] == (False, False, True, 512, True, False, False, 128, 64, geometries, "before")
+    assert installed.uuid()[1:] == (False, False, True, 512, True, False, False, 128, 64, False, geometries, "before")
     monkeypatch.setattr(stacked_routed, "ENABLED", True)
-    assert installed.uuid()[1:] == (False, True, True, 512, True, False, False, 128, 64, geometries, "before")
+    assert installed.uuid()[1:] == (False, True, True, 512, True, False, False, 128, 64, False, geometries, "before")
     monkeypatch.setattr(wide_groups, "ENABLED", False)
     monkeypatch.setattr(wide_groups, "ROWS", 64)
     monkeypatch.setattr(wide_groups, "ONE_BUFFER", False)
     monkeypatch.setattr(wide_groups, "JOIN_SYMBOLIC", True)
-    assert installed.uuid()[1:] == (False, True, False, 64, False, True, False, 128, 64, geometries, "before")
+    assert installed.uuid()[1:] == (False, True, False, 64, False, True, False, 128, 64, False, geometries, "before")
     # an earlier pass without an id turns inductor's cache off, as it would on its own
     assert stacked_shrinks.StackShrinks(lambda graph: None).uuid() is None
-    assert stacked_shrinks.StackShrinks([before, before]).uuid()[11:] == ("before", "before")
+    assert stacked_shrinks.StackShrinks([before, before]).uuid()[12:] == ("before", "before")
     graph = torch.fx.Graph()
     graph.output(graph.placeholder("x"))
     installed(graph)

@@ -136,3 +136,41 @@ def test_gpu_the_expand_runs_inside_the_triton_kernel_that_reads_it(rows: int) -
     want = _reader(y.float(), h.float() @ bt.float(), res.float(), w.float())
     assert float((got.float() - want).norm() / want.norm()) < 1e-2
     assert _launches(code) == _launches(plain) == (0, 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_a_group_s_sums_are_one_buffer_each_member_s_columns_its_expand_added(dtype: torch.dtype) -> None:
+    """``unrolled_sums`` over a group's GEMM output ``[y_1 | h_1 | y_2 | h_2 | y_3 | h_3]`` (widths
+    12, 4, 4, rank 3): each member's ``y`` columns plus its expand, the shrink columns as they
+    were; eagerly and compiled by inductor, where it is one kernel and no GEMM (read at two
+    places, as RoPE reads q; the compiler's C++ backend may fuse the sums into the reader).
+    Float64: 1e-10 of the reference; bfloat16: bitwise the float32 sum
+    rounded once, eagerly."""
+    from torch._inductor.utils import run_and_get_code
+
+    unrolled_expand.register()
+    outs, rank = [12, 4, 4], 3
+    starts = [0, 15, 22]
+    total = 29
+    gen = torch.Generator().manual_seed(5)
+    yh = torch.randn(6, total, generator=gen, dtype=torch.float64).to(dtype)
+    bt = torch.randn(rank, total, generator=gen, dtype=torch.float64).to(dtype)
+    wide = torch.float64 if dtype == torch.float64 else torch.float32
+    want = yh.to(wide, copy=True)
+    for at, n in zip(starts, outs, strict=True):
+        want[:, at : at + n] += yh[:, at + n : at + n + rank].to(wide) @ bt[:, at : at + n].to(wide)
+    eager = unrolled_expand.unrolled_sums(yh, bt, starts, outs)
+    assert torch.equal(eager, want.to(dtype)) if dtype != torch.float64 else torch.allclose(eager, want, rtol=1e-12)
+
+    def rotated(yh: torch.Tensor, bt: torch.Tensor) -> torch.Tensor:
+        q = unrolled_expand.unrolled_sums(yh, bt, starts, outs)[:, :12]
+        return q * 2 + torch.cat([-q[:, 6:], q[:, :6]], -1)
+
+    torch._dynamo.reset()
+    got, code = run_and_get_code(torch.compile(rotated, fullgraph=True), yh, bt)
+    q = want[:, :12]
+    tol = 1e-10 if dtype == torch.float64 else 2e-2
+    torch.testing.assert_close(got.to(wide), q * 2 + torch.cat([-q[:, 6:], q[:, :6]], -1), rtol=tol, atol=tol)
+    gemms, kernels = _launches(code)
+    assert gemms == 0 and "lorahot" not in "\n".join(code)
+    assert kernels in (1, 2)  # the sums, then their reader (on the CPU, C++ may fuse the two)

@@ -649,20 +649,31 @@ class _Rotary(nn.Module):
 
 
 def _joined_sums(graph: torch.fx.Graph) -> list[list[int]]:
-    """The sizes of the ``as_strided`` nodes over an addition in ``graph``: a group's outputs
-    written into one buffer."""
-    add = torch.ops.aten.add.Tensor
-    return [
-        [v if isinstance(v, int) else -1 for v in node.args[1]]
-        for node in graph.nodes
-        if node.target is torch.ops.aten.as_strided.default and getattr(node.args[0], "target", None) is add
-    ]
+    """The sizes of the ``as_strided`` nodes over an addition in ``graph``, and of the
+    ``unrolled_sums`` nodes (:mod:`lorahot.kernels.unrolled_expand`): a group's outputs written
+    into one buffer."""
+    add, found = torch.ops.aten.add.Tensor, []
+    for node in graph.nodes:
+        if node.target is torch.ops.aten.as_strided.default and getattr(node.args[0], "target", None) is add:
+            found.append([v if isinstance(v, int) else -1 for v in node.args[1]])
+        elif node.target is torch.ops.lorahot.unrolled_sums.default:  # static rows: the sums unrolled
+            found.append([v if isinstance(v, int) else -1 for v in node.meta["val"].shape])
+    return found
 
 
-@pytest.mark.parametrize("on", [True, False], ids=["one-buffer", "negative-control"])
-@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "symbolic-rows"])
+@pytest.mark.parametrize(
+    ("dynamic", "on", "sums"),
+    [(False, True, False), (False, True, True), (False, False, False), (True, True, False), (True, False, False)],
+    ids=[
+        "static-one-buffer",
+        "static-one-buffer-unrolled-sums",
+        "static-negative-control",
+        "symbolic-rows-one-buffer",
+        "symbolic-rows-negative-control",
+    ],
+)
 def test_in_default_mode_a_group_read_twice_writes_its_outputs_into_one_buffer(
-    dynamic: bool, on: bool, as_on_cuda: list[int], monkeypatch: pytest.MonkeyPatch
+    dynamic: bool, on: bool, sums: bool, as_on_cuda: list[int], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """q and k rotated as RoPE does (each element read at two places): in default mode the
     q/k/v group's sums ``y_i + expand_i`` are one addition over the group's GEMM output, an
@@ -671,8 +682,11 @@ def test_in_default_mode_a_group_read_twice_writes_its_outputs_into_one_buffer(
     one kernel per rotated member that recomputes each sum). Gate and up, each read once, keep
     their additions fused into what reads them. The outputs equal the eager model's through
     swaps with no recompile, with static and symbolic rows; the negative control,
-    :data:`~lorahot.kernels.wide_groups.ONE_BUFFER` off, has no such buffer."""
+    :data:`~lorahot.kernels.wide_groups.ONE_BUFFER` off, has no such buffer. With
+    :data:`lorahot.kernels.unrolled_expand.SUMS` (static rows) the buffer is one
+    ``unrolled_sums`` node instead, of the same size, with the same outputs."""
     monkeypatch.setattr(wide_groups, "ONE_BUFFER", on)
+    monkeypatch.setattr(unrolled_expand, "SUMS", sums)
     graphs: list[torch.fx.Graph] = []
     grouped = wide_groups.group_wide_layers
     monkeypatch.setattr(wide_groups, "group_wide_layers", lambda graph: (grouped(graph), graphs.append(graph))[0])
@@ -697,6 +711,7 @@ def test_in_default_mode_a_group_read_twice_writes_its_outputs_into_one_buffer(
     assert as_on_cuda[0] == 5
     width = D + D // 2 * 2 + 3 * R  # q, k and v, each with its shrink columns
     assert _joined_sums(graphs[0]) == ([[-1 if dynamic else 10, width]] if on else [])
+    assert sum(n.target is torch.ops.lorahot.unrolled_sums.default for n in graphs[0].nodes) == int(sums)
 
 
 class _Blocks(nn.Module):
