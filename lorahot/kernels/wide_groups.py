@@ -41,6 +41,13 @@ read at more than one place (RoPE's q and k), one kernel writes into one buffer
 where the base model spends three and two; every other such operator (a buffer apart from its
 allocation, a member over another input, and a wide layer in no group: :data:`ALONE`) becomes
 its own two GEMMs.
+At up to :data:`lorahot.kernels.unrolled_expand.ROWS` static rows (128) and rank 64, each
+expand of a member read at one place, and of a lone layer, is no GEMM but an elementwise sum
+over the rank that the compiler computes inside the kernel reading the output (the residual
+add and RMSNorm, the SiLU product): :mod:`lorahot.kernels.unrolled_expand`. A group written
+into one buffer keeps its batched GEMM (its unrolled sums are behind a switch, not yet
+measured on a GPU). So a Llama block launches 5 GEMMs and the sums kernel at decode where the
+base model launches 7 GEMMs.
 Above :data:`ROWS` static rows, where a step is bound by the GPU rather than by launches, the
 members keep the traced formula, whose expand adds no pass over the output.
 Measured on an H200 (``benchmarks/experiments/grouped_probe.py``, the forward suite's model,
@@ -52,7 +59,10 @@ read 1.98x in another process (``runs/20261202T143921-grouped-probe-default-trac
 With a rotated group's sums in one buffer (:data:`ONE_BUFFER`) and down as two GEMMs
 (:data:`ALONE`), ``runs/20261202T172042-grouped-probe-default-one-buffer-alone.log``: 379
 launches; decode 9.83 ms against the base's 8.40 (1.17x), prefill (128 rows) 11.05 against
-9.14 (1.21x), on a slower host than the run before.
+9.14 (1.21x), on a slower host than the run before. With every expand unrolled at static rows
+(2026-12-06, H100, ``runs/20261206T1617-grouped-probe-default-unrolled.log``): decode 357
+launches, 8.25 ms against the base's 7.64 (1.08x; the GEMM expands 9.13, 1.19x, in the same
+run); q/k/v's expands were then three kernels of their own, which this layout avoids.
 """
 
 from __future__ import annotations
