@@ -85,6 +85,15 @@ torch 2.11, 2026-12-06, ``runs/20261206T0420-grouped-probe-default-kcat.log``) 4
 concatenation ``[x | h]`` is a kernel of its own, and the GEMM of the longer K cost the GPU more
 than the base GEMM and an expand (back to back 8.66 ms against lorahot's 5.54). Refuted.
 
+``lorahot`` runs :mod:`lorahot.kernels.unrolled_expand` switched on (a few static rows' expands
+as elementwise sums inside their readers), ``lorahot_gemm`` switched off, and
+``lorahot_unrolled`` every expand unrolled at any row count (inductor's reduction unrolling,
+set globally while it compiles). Measured (H100, torch 2.11, 2026-12-06,
+``runs/20261206T1617-grouped-probe-default-unrolled.log``, at 75ab6c2 where q/k/v were unrolled
+too): decode 357 launches and 1.08x the base's time against ``lorahot_gemm``'s 379 and 1.19x;
+the process compiled in 171 s against 91 s. ``PROBE_DSHAPES`` picks part ``d``'s shapes (default
+``prefill,decode``, compiled in that order) and ``PROBE_DROWS`` adds row counts after them.
+
 A form named ``NAME_dyn`` is ``NAME`` compiled with ``dynamic=True`` (the row count symbolic,
 as the rows suite compiles: lorahot's layers then run the dynamic-shapes operator).
 

@@ -14,7 +14,8 @@ float32 (float64 for float64 inputs) and returns it in ``h``'s dtype. Inductor l
 (the residual add and RMSNorm, the SiLU product, RoPE), as it does with any elementwise
 producer: the expand costs no launch. Its arithmetic then runs on the GPU's CUDA cores, ``R``
 multiply-adds and ``2 R`` loads per output element, so :func:`fits` takes it only for a few
-rows known statically and a small rank; above, the expand stays a GEMM. Outside inductor
+rows known statically and a small rank; above, the expand stays a GEMM. Off by default
+(:data:`ENABLED`: it costs compile time). Outside inductor
 (eagerly, other backends) the op is a GEMM in that precision.
 """
 
@@ -29,8 +30,18 @@ from lorahot.kernels.op_registry import define, refuse_grad
 
 __all__ = ["ENABLED", "RANK", "ROWS", "SUMS", "fits", "register", "unrolled_expand", "unrolled_sums"]
 
-#: Whether :func:`fits` takes the unrolled form at all (read when a graph is compiled).
-ENABLED = True
+#: Whether :func:`fits` takes the unrolled form at all (read when a graph is compiled). Off
+#: unless ``LORAHOT_UNROLLED_EXPANDS=1`` at import. Measured on an H100 (2026-12-06, every
+#: expand unrolled, ``benchmarks/README.md``, fifty-seventh session): a default-mode decode of the
+#: forward suite's model at 1.08x the base model's time against 1.19x for the GEMM expands, but
+#: that process's compile took 171 s against 91 s: inductor generates code for every unrolled
+#: node (a 64-term sum is about 320 operations, each load's index simplified), once per layer,
+#: where a GEMM is one extern call. On the CPU box the default-mode decode graph of an 8-block
+#: model at TinyLlama's widths compiled in 55 s against 23.5 s (most of it the C++ backend's
+#: vectorization analysis, which the GPU does not run). The compile target (1.5x the base
+#: model's) would not hold, so the form stays off until the layout that keeps q/k/v's batched
+#: GEMM (fewer unrolled nodes) is measured for both.
+ENABLED = os.environ.get("LORAHOT_UNROLLED_EXPANDS") == "1"
 
 #: The most rows (known statically: a symbolic row count keeps the GEMM, with no guard) whose
 #: expand is unrolled.

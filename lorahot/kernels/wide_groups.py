@@ -41,13 +41,13 @@ read at more than one place (RoPE's q and k), one kernel writes into one buffer
 where the base model spends three and two; every other such operator (a buffer apart from its
 allocation, a member over another input, and a wide layer in no group: :data:`ALONE`) becomes
 its own two GEMMs.
-At up to :data:`lorahot.kernels.unrolled_expand.ROWS` static rows (128) and rank 64, each
-expand of a member read at one place, and of a lone layer, is no GEMM but an elementwise sum
-over the rank that the compiler computes inside the kernel reading the output (the residual
-add and RMSNorm, the SiLU product): :mod:`lorahot.kernels.unrolled_expand`. A group written
-into one buffer keeps its batched GEMM (its unrolled sums are behind a switch, not yet
-measured on a GPU). So a Llama block launches 5 GEMMs and the sums kernel at decode where the
-base model launches 7 GEMMs.
+Where :data:`lorahot.kernels.unrolled_expand.ENABLED` (off by default: it costs compile
+time), at up to 128 static rows and rank 64, each expand of a member read at one place, and
+of a lone layer, is no GEMM but an elementwise sum over the rank that the compiler computes
+inside the kernel reading the output (the residual add and RMSNorm, the SiLU product). A group
+written into one buffer keeps its batched GEMM (its unrolled sums are behind a second switch,
+not yet measured on a GPU). A Llama block then launches 5 GEMMs and the sums kernel at decode
+where the base model launches 7 GEMMs.
 Above :data:`ROWS` static rows, where a step is bound by the GPU rather than by launches, the
 members keep the traced formula, whose expand adds no pass over the output.
 Measured on an H200 (``benchmarks/experiments/grouped_probe.py``, the forward suite's model,

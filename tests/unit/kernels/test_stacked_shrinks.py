@@ -198,17 +198,18 @@ def test_install_is_idempotent_runs_a_pass_installed_before_it_and_uninstalls(
     assert isinstance(installed, stacked_shrinks.StackShrinks) and installed.before is before
     # the input rewrite (on by default), the routed shrinks' stacking (off by default), the wide
     # groups (on by default), their row limit, their one-buffer switch (on) and the joined
-    # expands at symbolic rows (off), the unrolled expands (on, their row and rank limits, the one
+    # expands at symbolic rows (off), the unrolled expands (off, their row and rank limits, the one
     # buffer's sums off), the
     # live wide layers' geometries, the pass before
     geometries = repr(extern_inputs.signatures())
-    unrolled = (True, 128, 64, False)
+    unrolled = (False, 128, 64, False)
     assert installed.uuid()[1:] == (True, False, True, 512, True, False, *unrolled, geometries, "before")
     monkeypatch.setattr(extern_inputs, "ENABLED", False)
     # a graph compiled without it is another graph
     assert installed.uuid()[1:] == (False, False, True, 512, True, False, *unrolled, geometries, "before")
-    monkeypatch.setattr(unrolled_expand, "ENABLED", False)  # and so is one compiled without the unrolled expands
-    assert installed.uuid()[1:] == (False, False, True, 512, True, False, False, 128, 64, False, geometries, "before")
+    monkeypatch.setattr(unrolled_expand, "ENABLED", True)  # and so is one compiled with the unrolled expands
+    assert installed.uuid()[1:] == (False, False, True, 512, True, False, True, 128, 64, False, geometries, "before")
+    monkeypatch.setattr(unrolled_expand, "ENABLED", False)
     monkeypatch.setattr(stacked_routed, "ENABLED", True)
     assert installed.uuid()[1:] == (False, True, True, 512, True, False, False, 128, 64, False, geometries, "before")
     monkeypatch.setattr(wide_groups, "ENABLED", False)

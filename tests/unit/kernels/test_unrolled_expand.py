@@ -50,11 +50,13 @@ def test_fits_takes_a_few_static_rows_and_a_small_rank_and_a_symbolic_row_count_
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Unrolled: static rows up to :data:`~lorahot.kernels.unrolled_expand.ROWS` and ranks up to
-    :data:`~lorahot.kernels.unrolled_expand.RANK`. A symbolic row count is not, and asking adds
-    no guard on it (one graph keeps serving every row count)."""
+    :data:`~lorahot.kernels.unrolled_expand.RANK`, where switched on. A symbolic row count is
+    not, and asking adds no guard on it (one graph keeps serving every row count). Off (the
+    default), nothing is."""
     from torch._dynamo.source import ConstantSource
     from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
+    monkeypatch.setattr(unrolled_expand, "ENABLED", True)
     rows, rank = unrolled_expand.ROWS, unrolled_expand.RANK
     assert unrolled_expand.fits(1, rank) and unrolled_expand.fits(rows, 1)
     assert not unrolled_expand.fits(rows + 1, 8)

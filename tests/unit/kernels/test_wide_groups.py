@@ -687,6 +687,7 @@ def test_in_default_mode_a_group_read_twice_writes_its_outputs_into_one_buffer(
     ``unrolled_sums`` node instead, of the same size, with the same outputs."""
     monkeypatch.setattr(wide_groups, "ONE_BUFFER", on)
     monkeypatch.setattr(unrolled_expand, "SUMS", sums)
+    monkeypatch.setattr(unrolled_expand, "ENABLED", sums)
     graphs: list[torch.fx.Graph] = []
     grouped = wide_groups.group_wide_layers
     monkeypatch.setattr(wide_groups, "group_wide_layers", lambda graph: (grouped(graph), graphs.append(graph))[0])
@@ -736,9 +737,11 @@ def test_in_default_mode_groups_of_one_shape_are_traced_once_each_copy_with_valu
     gate/up, o, down: 4 traces for 8 lowerings; the negative control, the graph's memo
     dropped, traces each of the 8), later lowerings copy the trace, and every copied node
     has a fake value of its own (inductor reads a node's storage from it: a shared value would
-    read as an alias). The output equals the eager model's through a swap, with no recompile."""
+    read as an alias). The output equals the eager model's through a swap, with no recompile.
+    With the unrolled expands on (:mod:`lorahot.kernels.unrolled_expand`), static rows take them."""
     from lorahot.kernels import fx_graph
 
+    monkeypatch.setattr(unrolled_expand, "ENABLED", True)
     traced: list[int] = []
     real = wide_groups.expands
     monkeypatch.setattr(wide_groups, "expands", lambda *a, **k: (traced.append(1), real(*a, **k))[1])
