@@ -22,6 +22,7 @@ rows known statically and a small rank; above, the expand stays a GEMM. Off by d
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import torch
 from torch.fx.experimental.symbolic_shapes import statically_known_true
@@ -124,6 +125,14 @@ def register() -> None:
     from torch._inductor.lowering import register_lowering
     from torch._inductor.virtualized import ops
 
+    def summed(rank: int, left: Callable[[int], object], right: Callable[[int], object], wide: torch.dtype) -> object:
+        """``sum_k left(k) * right(k)`` over ``k < rank`` in ``wide``, in order: one expand element."""
+        total = None
+        for k in range(rank):
+            term = ops.mul(ops.to_dtype(left(k), wide), ops.to_dtype(right(k), wide))
+            total = term if total is None else ops.add(total, term)
+        return total
+
     @register_lowering(torch.ops.lorahot.unrolled_expand.default, type_promotion_kind=None)
     def _lower(h: ir.TensorBox, bt: ir.TensorBox) -> ir.TensorBox:
         rows, rank = h.get_size()
@@ -134,12 +143,9 @@ def register() -> None:
 
         def element(index: list[sympy.Expr]) -> object:
             i, j = index
-            total = None
-            for k in range(int(rank)):
-                at = sympy.Integer(k)
-                left = ops.to_dtype(load_h([i, at]), wide)
-                term = ops.mul(left, ops.to_dtype(load_bt([at, j]), wide))
-                total = term if total is None else ops.add(total, term)
+            total = summed(
+                int(rank), lambda k: load_h([i, sympy.Integer(k)]), lambda k: load_bt([sympy.Integer(k), j]), wide
+            )
             return ops.to_dtype(total, dtype)
 
         box: ir.TensorBox = ir.Pointwise.create(device=h.get_device(), dtype=dtype, inner_fn=element, ranges=[rows, n])
@@ -162,13 +168,13 @@ def register() -> None:
                     ops.lt(column, ops.index_expr(sympy.Integer(at + n), torch.int64)),
                 )
 
-                def expand(at: int = at, n: int = n) -> object:
-                    acc = None
-                    for k in range(rank):
-                        left = ops.to_dtype(load_yh([i, sympy.Integer(at + n + k)]), wide)
-                        term = ops.mul(left, ops.to_dtype(load_bt([sympy.Integer(k), c]), wide))
-                        acc = term if acc is None else ops.add(acc, term)
-                    return acc
+                def expand(h_at: int = at + n) -> object:
+                    return summed(
+                        rank,
+                        lambda k: load_yh([i, sympy.Integer(h_at + k)]),
+                        lambda k: load_bt([sympy.Integer(k), c]),
+                        wide,
+                    )
 
                 total = ops.add(total, ops.masked(inside, expand, 0.0))
             return ops.to_dtype(total, dtype)

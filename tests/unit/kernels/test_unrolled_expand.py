@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import pytest
 import torch
@@ -14,6 +15,34 @@ def _reader(y: torch.Tensor, e: torch.Tensor, res: torch.Tensor, w: torch.Tensor
     """What reads a LoRA layer's output in a Llama block: the residual add, then RMSNorm."""
     z = y + e + res
     return z * torch.rsqrt(z.pow(2).mean(-1, keepdim=True) + 1e-6) * w
+
+
+def _with_unrolled(
+    y: torch.Tensor, h: torch.Tensor, bt: torch.Tensor, res: torch.Tensor, w: torch.Tensor
+) -> torch.Tensor:
+    return _reader(y, unrolled_expand.unrolled_expand(h, bt), res, w)
+
+
+def _with_gemm(y: torch.Tensor, h: torch.Tensor, bt: torch.Tensor, res: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return _reader(y, h @ bt, res, w)
+
+
+def _without(y: torch.Tensor, res: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return _reader(y, torch.zeros_like(y), res, w)
+
+
+def _compiled(
+    fn: Any, y: torch.Tensor, h: torch.Tensor, bt: torch.Tensor, res: torch.Tensor, w: torch.Tensor
+) -> tuple[torch.Tensor, list[str], list[str]]:
+    """``fn``'s output and generated code, compiled by inductor, and the code of the reader
+    without an expand."""
+    from torch._inductor.utils import run_and_get_code
+
+    unrolled_expand.register()
+    torch._dynamo.reset()
+    got, code = run_and_get_code(torch.compile(fn, fullgraph=True), y, h, bt, res, w)
+    _, plain = run_and_get_code(torch.compile(_without, fullgraph=True), y, res, w)
+    return got, code, plain
 
 
 def _launches(code: list[str]) -> tuple[int, int]:
@@ -77,23 +106,8 @@ def test_inductor_computes_the_expand_inside_the_kernel_that_reads_it(unrolled: 
     is one kernel with no GEMM, as many kernels as the reader without the expand, and its
     output equals the float64 reference (float64: 1e-10; bfloat16: within the output's
     rounding). Negative control: the expand as ``h @ bt`` is a GEMM of its own."""
-    from torch._inductor.utils import run_and_get_code
-
-    unrolled_expand.register()
     y, h, bt, res, w = _inputs(5, 8, 32, dtype)
-
-    def with_expand(
-        y: torch.Tensor, h: torch.Tensor, bt: torch.Tensor, res: torch.Tensor, w: torch.Tensor
-    ) -> torch.Tensor:
-        e = unrolled_expand.unrolled_expand(h, bt) if unrolled else h @ bt
-        return _reader(y, e, res, w)
-
-    def without(y: torch.Tensor, res: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        return _reader(y, torch.zeros_like(y), res, w)
-
-    torch._dynamo.reset()
-    got, code = run_and_get_code(torch.compile(with_expand, fullgraph=True), y, h, bt, res, w)
-    _, plain = run_and_get_code(torch.compile(without, fullgraph=True), y, res, w)
+    got, code, plain = _compiled(_with_unrolled if unrolled else _with_gemm, y, h, bt, res, w)
     want = _reader(*(t.double() for t in (y, h @ bt if dtype == torch.float64 else (h.float() @ bt.float()), res, w)))
     tol = 1e-10 if dtype == torch.float64 else 2e-2
     torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
@@ -119,22 +133,8 @@ def test_gpu_the_expand_runs_inside_the_triton_kernel_that_reads_it(rows: int) -
     """On CUDA in bf16 (rank 64, 2048 outputs: a TinyLlama o projection): the reader with the
     unrolled expand is one Triton kernel and no GEMM, as many launches as the reader alone, and
     its output is within bf16's rounding of the float32 reference."""
-    from torch._inductor.utils import run_and_get_code
-
-    unrolled_expand.register()
     y, h, bt, res, w = (t.cuda() for t in _inputs(rows, 64, 2048, torch.bfloat16))
-
-    def with_expand(
-        y: torch.Tensor, h: torch.Tensor, bt: torch.Tensor, res: torch.Tensor, w: torch.Tensor
-    ) -> torch.Tensor:
-        return _reader(y, unrolled_expand.unrolled_expand(h, bt), res, w)
-
-    def without(y: torch.Tensor, res: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        return _reader(y, torch.zeros_like(y), res, w)
-
-    torch._dynamo.reset()
-    got, code = run_and_get_code(torch.compile(with_expand, fullgraph=True), y, h, bt, res, w)
-    _, plain = run_and_get_code(torch.compile(without, fullgraph=True), y, res, w)
+    got, code, plain = _compiled(_with_unrolled, y, h, bt, res, w)
     want = _reader(y.float(), h.float() @ bt.float(), res.float(), w.float())
     assert float((got.float() - want).norm() / want.norm()) < 1e-2
     assert _launches(code) == _launches(plain) == (0, 1)
