@@ -91,7 +91,9 @@ as elementwise sums inside their readers), ``lorahot_gemm`` switched off, and
 set globally while it compiles). Measured (H100, torch 2.11, 2026-12-06,
 ``runs/20261206T1617-grouped-probe-default-unrolled.log``, at 75ab6c2 where q/k/v were unrolled
 too): decode 357 launches and 1.08x the base's time against ``lorahot_gemm``'s 379 and 1.19x;
-the process compiled in 171 s against 91 s. ``PROBE_DSHAPES`` picks part ``d``'s shapes (default
+the process compiled in 171 s against 91 s. ``lorahot_lone`` unrolls only lone layers' expands
+(o, down; ``unrolled_expand.MEMBERS`` off), ``lorahot_sums`` writes q/k/v's one buffer with
+``unrolled_sums`` (``unrolled_expand.SUMS``). ``PROBE_DSHAPES`` picks part ``d``'s shapes (default
 ``prefill,decode``, compiled in that order) and ``PROBE_DROWS`` adds row counts after them.
 
 A form named ``NAME_dyn`` is ``NAME`` compiled with ``dynamic=True`` (the row count symbolic,
@@ -407,13 +409,23 @@ def switches(name: str) -> None:
     wide_groups._expands = _unrolled_expands if unrolled else _LIBRARY_EXPANDS
     torch._inductor.config.unroll_reductions_threshold = MAX_RANK + 1 if unrolled else 8
     unrolled_expand.ENABLED = name != "lorahot_gemm"
+    unrolled_expand.MEMBERS = name != "lorahot_lone"
+    unrolled_expand.SUMS = name == "lorahot_sums"
 
 
 def make(name: str, w: Any, ab: dict[str, tuple[torch.Tensor, torch.Tensor]], keep: list[Any]) -> torch.nn.Module:
     name = name.removesuffix("_dyn")
     model = w.fresh_base()
     switches(name)
-    if name in ("lorahot", "lorahot_traced", "lorahot_split", "lorahot_unrolled", "lorahot_gemm"):
+    if name in (
+        "lorahot",
+        "lorahot_traced",
+        "lorahot_split",
+        "lorahot_unrolled",
+        "lorahot_gemm",
+        "lorahot_lone",
+        "lorahot_sums",
+    ):
         runtime = lorahot.inject(model, TARGETS, max_rank=MAX_RANK)
         runtime.load(adapter_file(w.adapters[MAX_RANK]))
         keep.append(runtime)

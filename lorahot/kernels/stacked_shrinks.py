@@ -123,6 +123,7 @@ class StackShrinks(CustomGraphPass):
             unrolled_expand.ROWS,
             unrolled_expand.RANK,
             unrolled_expand.SUMS,
+            unrolled_expand.MEMBERS,
         )
         return (get_hash_for_files(files), *on, repr(extern_inputs.signatures()), *earlier)
 

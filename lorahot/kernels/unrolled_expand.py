@@ -29,7 +29,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from lorahot.kernels.op_registry import define, refuse_grad
 
-__all__ = ["ENABLED", "RANK", "ROWS", "SUMS", "fits", "register", "unrolled_expand", "unrolled_sums"]
+__all__ = ["ENABLED", "MEMBERS", "RANK", "ROWS", "SUMS", "fits", "register", "unrolled_expand", "unrolled_sums"]
 
 #: Whether :func:`fits` takes the unrolled form at all (read when a graph is compiled). Off
 #: unless ``LORAHOT_UNROLLED_EXPANDS=1`` at import. Measured on an H100 (2026-12-06, every
@@ -50,6 +50,13 @@ ROWS = 128
 
 #: The largest rank unrolled: each output element sums ``R`` products.
 RANK = 64
+
+#: Whether the members of a group of two or more layers (gate/up, each read once) are unrolled
+#: too, or only lone layers (o, down). Compile time grows with every unrolled node (one per
+#: layer), and a group's expands are one batched GEMM: unrolling gate and up saves one launch
+#: per block for two nodes, o and down each save one for one. On unless
+#: ``LORAHOT_UNROLLED_MEMBERS=0`` at import.
+MEMBERS = os.environ.get("LORAHOT_UNROLLED_MEMBERS", "1") == "1"
 
 #: Whether a group whose outputs are written into one buffer (``wide_groups.ONE_BUFFER``: RoPE's
 #: q/k/v) writes it with :func:`unrolled_sums` where :func:`fits`, rather than the batched GEMM

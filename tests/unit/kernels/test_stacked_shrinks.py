@@ -199,27 +199,34 @@ def test_install_is_idempotent_runs_a_pass_installed_before_it_and_uninstalls(
     # the input rewrite (on by default), the routed shrinks' stacking (off by default), the wide
     # groups (on by default), their row limit, their one-buffer switch (on) and the joined
     # expands at symbolic rows (off), the unrolled expands (off, their row and rank limits, the one
-    # buffer's sums off), the
+    # buffer's sums off, group members unrolled too), the
     # live wide layers' geometries, the pass before
     geometries = repr(extern_inputs.signatures())
-    unrolled = (False, 128, 64, False)
-    assert installed.uuid()[1:] == (True, False, True, 512, True, False, *unrolled, geometries, "before")
+
+    def uuid(*on: object) -> tuple[object, ...]:
+        return (*on, geometries, "before")
+
+    unrolled = (False, 128, 64, False, True)
+    assert installed.uuid()[1:] == uuid(True, False, True, 512, True, False, *unrolled)
     monkeypatch.setattr(extern_inputs, "ENABLED", False)
     # a graph compiled without it is another graph
-    assert installed.uuid()[1:] == (False, False, True, 512, True, False, *unrolled, geometries, "before")
+    assert installed.uuid()[1:] == uuid(False, False, True, 512, True, False, *unrolled)
     monkeypatch.setattr(unrolled_expand, "ENABLED", True)  # and so is one compiled with the unrolled expands
-    assert installed.uuid()[1:] == (False, False, True, 512, True, False, True, 128, 64, False, geometries, "before")
+    assert installed.uuid()[1:] == uuid(False, False, True, 512, True, False, True, 128, 64, False, True)
+    monkeypatch.setattr(unrolled_expand, "MEMBERS", False)  # or with only lone layers' expands unrolled
+    assert installed.uuid()[1:] == uuid(False, False, True, 512, True, False, True, 128, 64, False, False)
     monkeypatch.setattr(unrolled_expand, "ENABLED", False)
+    monkeypatch.setattr(unrolled_expand, "MEMBERS", True)
     monkeypatch.setattr(stacked_routed, "ENABLED", True)
-    assert installed.uuid()[1:] == (False, True, True, 512, True, False, False, 128, 64, False, geometries, "before")
+    assert installed.uuid()[1:] == uuid(False, True, True, 512, True, False, *unrolled)
     monkeypatch.setattr(wide_groups, "ENABLED", False)
     monkeypatch.setattr(wide_groups, "ROWS", 64)
     monkeypatch.setattr(wide_groups, "ONE_BUFFER", False)
     monkeypatch.setattr(wide_groups, "JOIN_SYMBOLIC", True)
-    assert installed.uuid()[1:] == (False, True, False, 64, False, True, False, 128, 64, False, geometries, "before")
+    assert installed.uuid()[1:] == uuid(False, True, False, 64, False, True, *unrolled)
     # an earlier pass without an id turns inductor's cache off, as it would on its own
     assert stacked_shrinks.StackShrinks(lambda graph: None).uuid() is None
-    assert stacked_shrinks.StackShrinks([before, before]).uuid()[12:] == ("before", "before")
+    assert stacked_shrinks.StackShrinks([before, before]).uuid()[13:] == ("before", "before")
     graph = torch.fx.Graph()
     graph.output(graph.placeholder("x"))
     installed(graph)

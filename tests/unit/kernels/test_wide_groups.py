@@ -454,9 +454,17 @@ def _gemms(code: list[str]) -> dict[str, int]:
 
 @pytest.mark.parametrize(
     ("dynamic", "on", "unroll"),
-    [(False, True, True), (False, True, False), (False, False, True), (True, True, True), (True, False, True)],
+    [
+        (False, True, True),
+        (False, True, "lone"),
+        (False, True, False),
+        (False, False, True),
+        (True, True, True),
+        (True, False, True),
+    ],
     ids=[
         "static-joined",
+        "static-joined-lone-layers-unrolled",
         "static-joined-gemm-expands",
         "static-negative-control",
         "symbolic-rows-joined",
@@ -464,7 +472,7 @@ def _gemms(code: list[str]) -> dict[str, int]:
     ],
 )
 def test_in_default_mode_a_group_is_one_gemm_and_one_batched_expand(
-    dynamic: bool, on: bool, unroll: bool, as_on_cuda: list[int], monkeypatch: pytest.MonkeyPatch
+    dynamic: bool, on: bool, unroll: bool | str, as_on_cuda: list[int], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Compiled in default mode (each call launches every kernel from the host, where an
     operator's Python body costs more than the launches it saves): q/k/v and gate/up each run
@@ -490,10 +498,13 @@ def test_in_default_mode_a_group_is_one_gemm_and_one_batched_expand(
     unrolled into the kernels that read each output (:mod:`lorahot.kernels.unrolled_expand`):
     one GEMM per group and per lone layer, 4 where the base model has 7, no batched expand; with
     the unrolling off (``static-joined-gemm-expands``) the batched expands are back (6 GEMMs
-    and 2 batched). A symbolic row count is not unrolled."""
+    and 2 batched); with only lone layers unrolled
+    (:data:`~lorahot.kernels.unrolled_expand.MEMBERS` off), q/k/v's and gate/up's batched
+    expands are back (4 GEMMs and 2 batched). A symbolic row count is not unrolled."""
     from torch._inductor.utils import run_and_get_code
 
-    monkeypatch.setattr(unrolled_expand, "ENABLED", unroll)
+    monkeypatch.setattr(unrolled_expand, "ENABLED", bool(unroll))
+    monkeypatch.setattr(unrolled_expand, "MEMBERS", unroll is True)
     monkeypatch.setattr(wide_groups, "ENABLED", on)
     monkeypatch.setattr(wide_groups, "JOIN_SYMBOLIC", False)
     if dynamic:  # a symbolic row count is not compared with ROWS: rows on either side of it
@@ -521,7 +532,7 @@ def test_in_default_mode_a_group_is_one_gemm_and_one_batched_expand(
     # symbolic row count q's expand is an mm of its own
     want = {"mm": 6 + dynamic, "addmm": 0, "bmm": 2} if on else {"mm": 6, "addmm": 5, "bmm": 0}
     if on and unroll and not dynamic:  # one GEMM per group and per lone layer, each expand in its reader
-        want = {"mm": 4, "addmm": 0, "bmm": 0}
+        want = {"mm": 4, "addmm": 0, "bmm": 0 if unroll is True else 2}
     assert _gemms(code) == want
     assert as_on_cuda[0] == (7 if on else 0)  # the first graph's operators (o's and down's too), all replaced
 
