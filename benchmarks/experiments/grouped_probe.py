@@ -93,7 +93,8 @@ set globally while it compiles). Measured (H100, torch 2.11, 2026-12-06,
 too): decode 357 launches and 1.08x the base's time against ``lorahot_gemm``'s 379 and 1.19x;
 the process compiled in 171 s against 91 s. ``lorahot_lone`` unrolls only lone layers' expands
 (o, down; ``unrolled_expand.MEMBERS`` off), ``lorahot_sums`` writes q/k/v's one buffer with
-``unrolled_sums`` (``unrolled_expand.SUMS``). ``PROBE_DSHAPES`` picks part ``d``'s shapes (default
+``unrolled_sums`` (``unrolled_expand.SUMS``). ``PROBE_TIMES=1`` prints the compile phases'
+times, summed over the process, after each form. ``PROBE_DSHAPES`` picks part ``d``'s shapes (default
 ``prefill,decode``, compiled in that order) and ``PROBE_DROWS`` adds row counts after them.
 
 A form named ``NAME_dyn`` is ``NAME`` compiled with ``dynamic=True`` (the row count symbolic,
@@ -473,6 +474,12 @@ def part(
             f"{mode} {name}: compiled in {time.perf_counter() - t:.1f} s; relative error against lorahot eager (base: what the adapter moves): {', '.join(errs) or '-'}",
             flush=True,
         )
+        if os.environ.get("PROBE_TIMES") == "1":  # dynamo's and inductor's phases, summed over the process so far
+            print(
+                f"compile phases after {name}:",
+                torch._dynamo.utils.compile_times(repr="str", aggregate=True),
+                flush=True,
+            )
     for by in calls.values():
         for f in by.values():
             for _ in range(10):
