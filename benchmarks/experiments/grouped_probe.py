@@ -91,11 +91,19 @@ as elementwise sums inside their readers), ``lorahot_gemm`` switched off, and
 set globally while it compiles). Measured (H100, torch 2.11, 2026-12-06,
 ``runs/20261206T1617-grouped-probe-default-unrolled.log``, at 75ab6c2 where q/k/v were unrolled
 too): decode 357 launches and 1.08x the base's time against ``lorahot_gemm``'s 379 and 1.19x;
-the process compiled in 171 s against 91 s. ``lorahot_lone`` unrolls only lone layers' expands
-(o, down; ``unrolled_expand.MEMBERS`` off), ``lorahot_sums`` writes q/k/v's one buffer with
-``unrolled_sums`` (``unrolled_expand.SUMS``). ``PROBE_TIMES=1`` prints the compile phases'
-times, summed over the process, after each form. ``PROBE_DSHAPES`` picks part ``d``'s shapes (default
-``prefill,decode``, compiled in that order) and ``PROBE_DROWS`` adds row counts after them.
+the process compiled in 171 s against 91 s. Since, ``lorahot`` takes the library's
+defaults with the switch on (gate/up's members unrolled into the SiLU product, o and down
+not), ``lorahot_all`` unrolls lone layers too (``unrolled_expand.LONE``), ``lorahot_lone``
+only lone layers' expands (o, down; ``unrolled_expand.MEMBERS`` off), ``lorahot_sums`` the
+defaults and q/k/v's one buffer written by ``unrolled_sums`` (``unrolled_expand.SUMS``). On
+CUDA part ``d`` also prints each form's summed kernel time per call (the profiler's; with early
+launches a kernel waiting on the one before it counts as running). At 3bf7b52
+(``runs/20261206T1825-grouped-probe-default-lone-sums.log``, where ``lorahot`` was today's
+``lorahot_all``) the host took 9 ms per base decode call and hid the GPU's time; the forward
+suite then showed o's and down's unrolled expands GPU-bound (fifty-eighth session).
+``PROBE_TIMES=1`` prints the compile phases' times, summed over the process, after each form.
+``PROBE_DSHAPES`` picks part ``d``'s shapes (default ``prefill,decode``, compiled in that
+order) and ``PROBE_DROWS`` adds row counts after them.
 
 A form named ``NAME_dyn`` is ``NAME`` compiled with ``dynamic=True`` (the row count symbolic,
 as the rows suite compiles: lorahot's layers then run the dynamic-shapes operator).
@@ -126,6 +134,7 @@ import torch
 from safetensors.torch import load_file
 
 import lorahot
+from benchmarks.common import kernel_profile
 from benchmarks.experiments.default_mode_probe import host_and_synced, launches, sync
 from benchmarks.workload import MAX_RANK, RANKS, TARGETS, adapter_file, build
 from lorahot.kernels import unrolled_expand, wide_groups
@@ -411,6 +420,7 @@ def switches(name: str) -> None:
     torch._inductor.config.unroll_reductions_threshold = MAX_RANK + 1 if unrolled else 8
     unrolled_expand.ENABLED = name != "lorahot_gemm"
     unrolled_expand.MEMBERS = name != "lorahot_lone"
+    unrolled_expand.LONE = name in ("lorahot_all", "lorahot_lone")
     unrolled_expand.SUMS = name == "lorahot_sums"
 
 
@@ -426,6 +436,7 @@ def make(name: str, w: Any, ab: dict[str, tuple[torch.Tensor, torch.Tensor]], ke
         "lorahot_gemm",
         "lorahot_lone",
         "lorahot_sums",
+        "lorahot_all",
     ):
         runtime = lorahot.inject(model, TARGETS, max_rank=MAX_RANK)
         runtime.load(adapter_file(w.adapters[MAX_RANK]))
@@ -505,6 +516,15 @@ def part(
                 f"back to back {g:7.3f} ({g / b_gpu:.2f}x)  launches {n}  rounds {' '.join(f'{x[1]:.2f}' for x in r)}",
                 flush=True,
             )
+    if torch.cuda.is_available():  # the GPU's own time, which a slow host hides from the timings above
+        for shape in shapes:
+            for name in calls:
+                prof = kernel_profile(calls[name][shape], calls=5)
+                print(
+                    f"{mode:16s} {shape:9s} {name:11s} kernel time {prof['gpu_us_per_call'] / 1e3:7.3f} ms per call; "
+                    f"most: {prof['top_us']}",
+                    flush=True,
+                )
 
 
 def kernels(forms: tuple[str, ...]) -> None:

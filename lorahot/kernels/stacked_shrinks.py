@@ -124,6 +124,7 @@ class StackShrinks(CustomGraphPass):
             unrolled_expand.RANK,
             unrolled_expand.SUMS,
             unrolled_expand.MEMBERS,
+            unrolled_expand.LONE,
         )
         return (get_hash_for_files(files), *on, repr(extern_inputs.signatures()), *earlier)
 

@@ -14,9 +14,11 @@ float32 (float64 for float64 inputs) and returns it in ``h``'s dtype. Inductor l
 (the residual add and RMSNorm, the SiLU product, RoPE), as it does with any elementwise
 producer: the expand costs no launch. Its arithmetic then runs on the GPU's CUDA cores, ``R``
 multiply-adds and ``2 R`` loads per output element, so :func:`fits` takes it only for a few
-rows known statically and a small rank; above, the expand stays a GEMM. Off by default
-(:data:`ENABLED`: it costs compile time). Outside inductor
-(eagerly, other backends) the op is a GEMM in that precision.
+rows known statically and a small rank; above, the expand stays a GEMM. The arithmetic runs
+with the reader's grid, though: a reduction over the row (RMSNorm) has one program per row,
+so at decode that one program does the whole expand. Off by default (:data:`ENABLED`: on an
+H100 the saved launches cost the GPU more than they saved the host, and compile time grew).
+Outside inductor (eagerly, other backends) the op is a GEMM in that precision.
 """
 
 from __future__ import annotations
@@ -29,19 +31,18 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from lorahot.kernels.op_registry import define, refuse_grad
 
-__all__ = ["ENABLED", "MEMBERS", "RANK", "ROWS", "SUMS", "fits", "register", "unrolled_expand", "unrolled_sums"]
+__all__ = ["ENABLED", "LONE", "MEMBERS", "RANK", "ROWS", "SUMS", "fits", "register", "unrolled_expand", "unrolled_sums"]
 
 #: Whether :func:`fits` takes the unrolled form at all (read when a graph is compiled). Off
-#: unless ``LORAHOT_UNROLLED_EXPANDS=1`` at import. Measured on an H100 (2026-12-06, every
-#: expand unrolled, ``benchmarks/README.md``, fifty-seventh session): a default-mode decode of the
-#: forward suite's model at 1.08x the base model's time against 1.19x for the GEMM expands, but
-#: that process's compile took 171 s against 91 s: inductor generates code for every unrolled
-#: node (a 64-term sum is about 320 operations, each load's index simplified), once per layer,
-#: where a GEMM is one extern call. On the CPU box the default-mode decode graph of an 8-block
-#: model at TinyLlama's widths compiled in 55 s against 23.5 s (most of it the C++ backend's
-#: vectorization analysis, which the GPU does not run). The compile target (1.5x the base
-#: model's) would not hold, so the form stays off until the layout that keeps q/k/v's batched
-#: GEMM (fewer unrolled nodes) is measured for both.
+#: unless ``LORAHOT_UNROLLED_EXPANDS=1`` at import. Measured on an H100 (``benchmarks/README.md``,
+#: fifty-seventh and fifty-eighth sessions): with o's and down's expands unrolled, the forward
+#: suite's default-mode decode cost the host 4.8 ms per call against the base model's 4.7 (the
+#: GEMM expands: 6.1), but 6.6-6.8 ms synced against 4.9: the GPU became the bound. Inductor
+#: computes an expand read by the residual add and RMSNorm inside that row's reduction kernel,
+#: one program per row, so at decode one program streams the whole ``B`` and sums every column's
+#: ``R`` products, twice (the looped reduction's two passes). Compile time grew too (the decode
+#: graph 37-72 s against 27 s, one core): inductor generates code for every unrolled node, once
+#: per layer, where a GEMM is one extern call.
 ENABLED = os.environ.get("LORAHOT_UNROLLED_EXPANDS") == "1"
 
 #: The most rows (known statically: a symbolic row count keeps the GEMM, with no guard) whose
@@ -51,16 +52,22 @@ ROWS = 128
 #: The largest rank unrolled: each output element sums ``R`` products.
 RANK = 64
 
-#: Whether the members of a group of two or more layers (gate/up, each read once) are unrolled
-#: too, or only lone layers (o, down). Compile time grows with every unrolled node (one per
-#: layer), and a group's expands are one batched GEMM: unrolling gate and up saves one launch
-#: per block for two nodes, o and down each save one for one. On unless
-#: ``LORAHOT_UNROLLED_MEMBERS=0`` at import.
+#: Whether the members of a group of two or more layers (gate/up, each read once: by the
+#: SiLU product, an elementwise kernel over every column) are unrolled. On unless
+#: ``LORAHOT_UNROLLED_MEMBERS=0`` at import (read only where :data:`ENABLED`).
 MEMBERS = os.environ.get("LORAHOT_UNROLLED_MEMBERS", "1") == "1"
+
+#: Whether a layer in no group (o, down) is unrolled. Off unless ``LORAHOT_UNROLLED_LONE=1`` at
+#: import: in a Llama such a layer's output is read by the residual add and RMSNorm, a reduction
+#: over the row, into whose one program per row inductor fuses the whole expand (see
+#: :data:`ENABLED`: on an H100 that made decode GPU-bound at 1.36-1.39x the base model's time).
+LONE = os.environ.get("LORAHOT_UNROLLED_LONE") == "1"
 
 #: Whether a group whose outputs are written into one buffer (``wide_groups.ONE_BUFFER``: RoPE's
 #: q/k/v) writes it with :func:`unrolled_sums` where :func:`fits`, rather than the batched GEMM
-#: expands. Off unless ``LORAHOT_UNROLLED_SUMS=1`` at import: not yet measured on a GPU. The
+#: expands. Off unless ``LORAHOT_UNROLLED_SUMS=1`` at import: it ran on an H100 (291 launches
+#: per decode call of the forward suite's model against the GEMM form's 379) but its time was
+#: taken only on a host too slow to show the GPU's (``benchmarks/README.md``, fifty-eighth). The
 #: expands of such a group are not unrolled member by member either: inductor realizes an
 #: elementwise node of more than 100 operations as a buffer of its own, and a buffer read
 #: through the one buffer's padded views is not fused into the kernel that writes it (on an

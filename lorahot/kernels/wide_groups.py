@@ -41,13 +41,13 @@ read at more than one place (RoPE's q and k), one kernel writes into one buffer
 where the base model spends three and two; every other such operator (a buffer apart from its
 allocation, a member over another input, and a wide layer in no group: :data:`ALONE`) becomes
 its own two GEMMs.
-Where :data:`lorahot.kernels.unrolled_expand.ENABLED` (off by default: it costs compile
-time), at up to 128 static rows and rank 64, each expand of a member read at one place, and
-of a lone layer, is no GEMM but an elementwise sum over the rank that the compiler computes
-inside the kernel reading the output (the residual add and RMSNorm, the SiLU product). A group
-written into one buffer keeps its batched GEMM (its unrolled sums are behind a second switch,
-not yet measured on a GPU). A Llama block then launches 5 GEMMs and the sums kernel at decode
-where the base model launches 7 GEMMs.
+Where :data:`lorahot.kernels.unrolled_expand.ENABLED` (off by default: on an H100 it cut the
+host's time but cost the GPU more, and compile time), at up to 128 static rows and rank 64,
+each expand of a member read at one place (gate/up: the SiLU product), and of a lone layer
+where :data:`~lorahot.kernels.unrolled_expand.LONE` (o, down: the residual add and RMSNorm),
+is no GEMM but an elementwise sum over the rank that the compiler computes inside the kernel
+reading the output. A group written into one buffer keeps its batched GEMM (its unrolled sums
+are behind :data:`~lorahot.kernels.unrolled_expand.SUMS`).
 Above :data:`ROWS` static rows, where a step is bound by the GPU rather than by launches, the
 members keep the traced formula, whose expand adds no pass over the output.
 Measured on an H200 (``benchmarks/experiments/grouped_probe.py``, the forward suite's model,
@@ -329,7 +329,7 @@ def expands(x: torch.Tensor, wide: torch.Tensor, outs: list[int], *, one_buffer:
             placed = [_placed(d, start, gap, total) for d, start, gap in _expands(yh, bt, outs, at, r, rows)]
             joined = torch.as_strided(yh + sum(placed[1:], placed[0]), (rows, total), (total, 1))
         return [joined[:, i : i + o].view(*lead, o) for i, o in zip(at, outs, strict=True)]
-    few = few and (len(outs) == 1 or unrolled.MEMBERS)
+    few = few and (unrolled.MEMBERS if len(outs) > 1 else unrolled.LONE)
     parts = _unrolled(yh, bt, outs, at, r) if few else _expands(yh, bt, outs, at, r, rows)
     ds = [d[c] for d, _, _ in parts for c in range(d.shape[0])]
     return [(yh[:, i : i + o] + d).view(*lead, o) for i, o, d in zip(at, outs, ds, strict=True)]

@@ -199,24 +199,26 @@ def test_install_is_idempotent_runs_a_pass_installed_before_it_and_uninstalls(
     # the input rewrite (on by default), the routed shrinks' stacking (off by default), the wide
     # groups (on by default), their row limit, their one-buffer switch (on) and the joined
     # expands at symbolic rows (off), the unrolled expands (off, their row and rank limits, the one
-    # buffer's sums off, group members unrolled too), the
+    # buffer's sums off, group members unrolled, lone layers not), the
     # live wide layers' geometries, the pass before
     geometries = repr(extern_inputs.signatures())
 
     def uuid(*on: object) -> tuple[object, ...]:
         return (*on, geometries, "before")
 
-    unrolled = (False, 128, 64, False, True)
+    unrolled = (False, 128, 64, False, True, False)
     assert installed.uuid()[1:] == uuid(True, False, True, 512, True, False, *unrolled)
     monkeypatch.setattr(extern_inputs, "ENABLED", False)
     # a graph compiled without it is another graph
     assert installed.uuid()[1:] == uuid(False, False, True, 512, True, False, *unrolled)
     monkeypatch.setattr(unrolled_expand, "ENABLED", True)  # and so is one compiled with the unrolled expands
-    assert installed.uuid()[1:] == uuid(False, False, True, 512, True, False, True, 128, 64, False, True)
+    assert installed.uuid()[1:] == uuid(False, False, True, 512, True, False, True, 128, 64, False, True, False)
     monkeypatch.setattr(unrolled_expand, "MEMBERS", False)  # or with only lone layers' expands unrolled
-    assert installed.uuid()[1:] == uuid(False, False, True, 512, True, False, True, 128, 64, False, False)
+    monkeypatch.setattr(unrolled_expand, "LONE", True)
+    assert installed.uuid()[1:] == uuid(False, False, True, 512, True, False, True, 128, 64, False, False, True)
     monkeypatch.setattr(unrolled_expand, "ENABLED", False)
     monkeypatch.setattr(unrolled_expand, "MEMBERS", True)
+    monkeypatch.setattr(unrolled_expand, "LONE", False)
     monkeypatch.setattr(stacked_routed, "ENABLED", True)
     assert installed.uuid()[1:] == uuid(False, True, True, 512, True, False, *unrolled)
     monkeypatch.setattr(wide_groups, "ENABLED", False)
@@ -226,7 +228,7 @@ def test_install_is_idempotent_runs_a_pass_installed_before_it_and_uninstalls(
     assert installed.uuid()[1:] == uuid(False, True, False, 64, False, True, *unrolled)
     # an earlier pass without an id turns inductor's cache off, as it would on its own
     assert stacked_shrinks.StackShrinks(lambda graph: None).uuid() is None
-    assert stacked_shrinks.StackShrinks([before, before]).uuid()[13:] == ("before", "before")
+    assert stacked_shrinks.StackShrinks([before, before]).uuid()[14:] == ("before", "before")
     graph = torch.fx.Graph()
     graph.output(graph.placeholder("x"))
     installed(graph)

@@ -455,15 +455,17 @@ def _gemms(code: list[str]) -> dict[str, int]:
 @pytest.mark.parametrize(
     ("dynamic", "on", "unroll"),
     [
-        (False, True, True),
+        (False, True, "all"),
+        (False, True, "members"),
         (False, True, "lone"),
-        (False, True, False),
-        (False, False, True),
-        (True, True, True),
-        (True, False, True),
+        (False, True, ""),
+        (False, False, "all"),
+        (True, True, "all"),
+        (True, False, "all"),
     ],
     ids=[
         "static-joined",
+        "static-joined-members-unrolled",
         "static-joined-lone-layers-unrolled",
         "static-joined-gemm-expands",
         "static-negative-control",
@@ -472,7 +474,7 @@ def _gemms(code: list[str]) -> dict[str, int]:
     ],
 )
 def test_in_default_mode_a_group_is_one_gemm_and_one_batched_expand(
-    dynamic: bool, on: bool, unroll: bool | str, as_on_cuda: list[int], monkeypatch: pytest.MonkeyPatch
+    dynamic: bool, on: bool, unroll: str, as_on_cuda: list[int], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Compiled in default mode (each call launches every kernel from the host, where an
     operator's Python body costs more than the launches it saves): q/k/v and gate/up each run
@@ -500,11 +502,14 @@ def test_in_default_mode_a_group_is_one_gemm_and_one_batched_expand(
     the unrolling off (``static-joined-gemm-expands``) the batched expands are back (6 GEMMs
     and 2 batched); with only lone layers unrolled
     (:data:`~lorahot.kernels.unrolled_expand.MEMBERS` off), q/k/v's and gate/up's batched
-    expands are back (4 GEMMs and 2 batched). A symbolic row count is not unrolled."""
+    expands are back (4 GEMMs and 2 batched); with only the groups' members (the default of
+    :data:`~lorahot.kernels.unrolled_expand.LONE`), o's and down's expand GEMMs are (6 GEMMs).
+    A symbolic row count is not unrolled."""
     from torch._inductor.utils import run_and_get_code
 
     monkeypatch.setattr(unrolled_expand, "ENABLED", bool(unroll))
-    monkeypatch.setattr(unrolled_expand, "MEMBERS", unroll is True)
+    monkeypatch.setattr(unrolled_expand, "MEMBERS", unroll in ("all", "members"))
+    monkeypatch.setattr(unrolled_expand, "LONE", unroll in ("all", "lone"))
     monkeypatch.setattr(wide_groups, "ENABLED", on)
     monkeypatch.setattr(wide_groups, "JOIN_SYMBOLIC", False)
     if dynamic:  # a symbolic row count is not compared with ROWS: rows on either side of it
@@ -532,7 +537,9 @@ def test_in_default_mode_a_group_is_one_gemm_and_one_batched_expand(
     # symbolic row count q's expand is an mm of its own
     want = {"mm": 6 + dynamic, "addmm": 0, "bmm": 2} if on else {"mm": 6, "addmm": 5, "bmm": 0}
     if on and unroll and not dynamic:  # one GEMM per group and per lone layer, each expand in its reader
-        want = {"mm": 4, "addmm": 0, "bmm": 0 if unroll is True else 2}
+        want = {"all": {"mm": 4, "addmm": 0, "bmm": 0}, "members": {"mm": 6, "addmm": 0, "bmm": 0}}.get(
+            unroll, {"mm": 4, "addmm": 0, "bmm": 2}
+        )
     assert _gemms(code) == want
     assert as_on_cuda[0] == (7 if on else 0)  # the first graph's operators (o's and down's too), all replaced
 
@@ -753,6 +760,7 @@ def test_in_default_mode_groups_of_one_shape_are_traced_once_each_copy_with_valu
     from lorahot.kernels import fx_graph
 
     monkeypatch.setattr(unrolled_expand, "ENABLED", True)
+    monkeypatch.setattr(unrolled_expand, "LONE", True)
     traced: list[int] = []
     real = wide_groups.expands
     monkeypatch.setattr(wide_groups, "expands", lambda *a, **k: (traced.append(1), real(*a, **k))[1])
