@@ -190,6 +190,8 @@ def test_install_is_idempotent_runs_a_pass_installed_before_it_and_uninstalls(
             return "before"
 
     before = Before()
+    for switch, value in (("ENABLED", False), ("SUMS", False), ("MEMBERS", True), ("LONE", False)):
+        monkeypatch.setattr(unrolled_expand, switch, value)  # their defaults, whatever the environment set
     inductor_config.post_grad_custom_pre_pass = before
     stacked_shrinks.install()
     installed = inductor_config.post_grad_custom_pre_pass
