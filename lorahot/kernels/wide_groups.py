@@ -62,7 +62,12 @@ launches; decode 9.83 ms against the base's 8.40 (1.17x), prefill (128 rows) 11.
 9.14 (1.21x), on a slower host than the run before. With every expand unrolled at static rows
 (2026-12-06, H100, ``runs/20261206T1617-grouped-probe-default-unrolled.log``): decode 357
 launches, 8.25 ms against the base's 7.64 (1.08x; the GEMM expands 9.13, 1.19x, in the same
-run); q/k/v's expands were then three kernels of their own, which this layout avoids.
+run); q/k/v's expands were then three kernels of their own, which this layout avoids. That
+probe's host hid the GPU's time: in the forward suite (2026-12-06, H100,
+``runs/20261206T185125-forward.json``, ``runs/20261206T185430-forward.json``) unrolled o and
+down expands took the host's time per decode call to about the base model's (4.8 ms against
+4.7) but made the call GPU-bound, 6.8-6.9 ms against 4.9-5.1 (1.36-1.39x; the GEMM expands
+1.16x): an expand inside RMSNorm's kernel runs on its one program per row.
 """
 
 from __future__ import annotations
