@@ -637,6 +637,7 @@ class LoRALayer(nn.Module):
         self._buffers.update(now)
         if len(now) == len(_ARENA_BUFFERS):  # a bound layer: its forward accepts the moved buffers
             object.__setattr__(self, "_arena_seen", tuple(now[n] for n in _ARENA_BUFFERS))
+        self._leave_moved_allocation()
         if self.pristine_weight is not None:
             self.pristine_weight = fn(self.pristine_weight)
         if self.pristine_bias is not None:
@@ -653,6 +654,19 @@ class LoRALayer(nn.Module):
                 digest = (digest[0].to(moved.device), digest[1].to(moved.device))
             self.written_probe = (positions, moved, numel, None if bias is None else fn(bias), version, digest)
         return self
+
+    def _leave_moved_allocation(self) -> None:
+        """After a move: where it converted the layer's wide buffer apart from its group's
+        allocation (another dtype or device: ``model.double()``), the layer leaves the group
+        (:attr:`_wide_at` None, so its plan changes and a compiled graph retraces), and the
+        compiled forward reads the layer's own buffer. A compiled call then re-checks only the
+        plan, not the buffer, on every call (:meth:`~lorahot.layers.linear.LoRALinear._wide_input`)."""
+        at = self.__dict__.get("_wide_at")
+        if at is None:
+            return
+        wide, alloc = self._buffers.get(WIDE_BUFFER), TENSORS[at[0]][0]
+        if wide is None or wide.dtype != alloc.dtype or wide.device != alloc.device:
+            self._wide_at = None
 
     def bound_address(self) -> tuple[int, ...]:
         """Addresses of the tensors the layer computes with that something outside lorahot could

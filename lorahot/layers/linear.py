@@ -445,7 +445,7 @@ class LoRALinear(LoRALayer):
             # pass replaces by one GEMM for a wide group's members over one input and their
             # expands (a layer alone: its GEMM over [W; A] and its expand), in aten the
             # compiler launches itself (lorahot.kernels.wide_groups.expands)
-            a, b, s, _ = self._views()
+            a, b, s, _ = self._views(False)
             return self.dynamic_forward(x, a, b, s)
         if fused and not per_call:  # not replayed: the wide GEMMs (compile_mode)
             rows = _rows(x)
@@ -457,7 +457,7 @@ class LoRALinear(LoRALayer):
                 # not pay for every member: the operator, which the grouping pass joins with its
                 # neighbours' over the same input (lorahot.kernels.wide_groups), and which takes
                 # the one GEMM where they are joined
-                a, b, s, _ = self._views()
+                a, b, s, _ = self._views(False)
                 return self.dynamic_forward(x, a, b, s)
             if fused_kernel.worth_it(rows, self.spec.out_dim, wide=True):  # the fused kernel
                 if geometry is None:  # regional: the layer's own views
@@ -524,16 +524,16 @@ class LoRALinear(LoRALayer):
         """The wide buffer as a compiled graph reads it: for a member of a wide group, a view of
         the group's allocation through its handle (one graph input per group, the offsets
         constants of the graph, as :func:`lorahot.kernels.wide_groups.group_wide_layers` needs
-        them); else, and after a move converted the layer's buffer apart from the allocation
-        (``model.double()``), the layer's own buffer."""
+        them); else the layer's own buffer. A move that converted the layer's buffer apart from
+        the allocation (``model.double()``) took the layer out of its group
+        (:meth:`~lorahot.layers.base.LoRALayer._leave_moved_allocation`). A member's buffer is
+        not read here: a compiled call re-checks every tensor and dictionary key its graph read
+        (on the CPU box about 0.6 us per layer, ``benchmarks/experiments/guard_cost_probe.py``)."""
         at = self._plan[7]
-        wide: torch.Tensor = self._buffers[WIDE_BUFFER]  # type: ignore[assignment]
         if at is None or not torch.compiler.is_compiling():
+            wide: torch.Tensor = self._buffers[WIDE_BUFFER]  # type: ignore[assignment]
             return wide
-        alloc = TENSORS[at[0]][0]
-        if alloc.dtype != wide.dtype or alloc.device != wide.device:  # a move after inject converted the buffer apart
-            return wide
-        return alloc.as_strided(*at[1])
+        return TENSORS[at[0]][0].as_strided(*at[1])
 
     def merge_refusal(self) -> str | None:
         """Merged mode folds the LoRA into the weight, which is right only where the base computes

@@ -267,7 +267,7 @@ class ShardedLoRALinear(LoRALinear):
                 return self._as_output(x, refused)
             a, b, s, _ = self._slot_views()
         else:
-            a, b, s, _ = self._views()
+            a, b, s, _ = self._views(False)
         if self._plan[1] and not args and not kwargs:  # the fused kernels, on this rank's shards
             z = self._fused_local(x_local, a, b, s, route)
             if z is not None:

@@ -352,6 +352,38 @@ def test_a_move_after_inject_compiles_with_the_layers_own_buffers(
     assert as_on_cuda == [len(NAMES) if alone else 0]
 
 
+def test_a_compiled_call_does_not_recheck_a_member_s_own_buffer(
+    as_on_cuda: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A member of a wide group (q, k, v) reads its buffer as a view of the group's allocation
+    through its handle, so a compiled call re-checks neither its ``_buffers`` (their keys, the
+    wide buffer's tensor guard) nor ``_views``'s default argument: each would be guards per
+    layer on every call (``benchmarks/experiments/guard_cost_probe.py``). o, in no allocation,
+    reads its own buffer, which is guarded. Negative control: ``model.float()`` converts the
+    buffers apart from their allocations, the members leave their groups, and the graph
+    reads, and guards, their own buffers, computing what the eager model does."""
+    import torch._dynamo.guards as dynamo_guards
+
+    trees: list[str] = []
+    monkeypatch.setattr(dynamo_guards, "guard_manager_testing_hook_fn", lambda m, scope, b: trees.append(str(m)))
+    model, _, _ = _model()
+    members = [n for n in NAMES if model.get_submodule(n)._wide_at is not None]
+    assert members == ["q", "k", "v"]
+    x = torch.randn(2, 5, D, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(model, fullgraph=True)(x), _eager(model, x), rtol=1e-9, atol=1e-9)
+    forward = trees[-1]  # the forward's frame (the one before: the adapter_names= pre-hook's)
+    assert "_modules['o']._buffers['_lora_wide']" in forward and "_plan" in forward
+    assert not any(f"_modules['{n}']._buffers" in forward for n in members)
+    assert "__defaults__" not in forward
+    model.float()
+    assert all(model.get_submodule(n)._wide_at is None for n in members)
+    with torch.no_grad():
+        got = torch.compile(model, fullgraph=True)(x.float())
+    torch.testing.assert_close(got, _eager(model, x.float()), rtol=1e-5, atol=1e-5)
+    assert all(f"_modules['{n}']._buffers['_lora_wide']" in trees[-1] for n in members)
+
+
 def test_a_copy_of_the_model_reads_its_own_allocation(as_on_cuda: list[int]) -> None:
     """A deepcopy's layers hold a handle of their own over the copied allocation (their plan
     names its key), so its compiled forward computes the copy's adapter, not the original's
