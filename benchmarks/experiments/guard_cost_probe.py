@@ -16,9 +16,11 @@ the model's linears are widened as on CUDA (the tests' ``as_on_cuda``), so the l
 they read on a GPU.
 
 Measured on the CPU box (2026-12-06, fifty-eighth session; the 2-block model at small widths,
-14 LoRA layers, torch 2.13.0 CPU, one process): the decode graph's guards took 70 us per call
-for the base model and 96-100 us for lorahot (the same without the hook), about 2 us more per
-LoRA layer; the hook's own frame 1.2 us. Across processes the figures moved by 20-30%.
+14 LoRA layers, torch 2.13.0 CPU, one process): the decode graph's guards took 70-73 us per
+call for the base model and 96-106 us for lorahot (the same without the hook), about 2 us more
+per LoRA layer; the hook's own frame 1.2 us. After a7c3219 (a group member's own buffer and
+``_views``'s defaults no longer guarded): 97-98 us where the same process read 104-106 before
+and 73 for the base. Across processes the figures moved by 20-30%.
 
     PYTHONPATH=. python3 -m benchmarks.experiments.guard_cost_probe [base lorahot lorahot_nohook]
 """
