@@ -91,7 +91,7 @@ as elementwise sums inside their readers), ``lorahot_gemm`` switched off, and
 set globally while it compiles). Measured (H100, torch 2.11, 2026-12-06,
 ``runs/20261206T1617-grouped-probe-default-unrolled.log``, at 75ab6c2 where q/k/v were unrolled
 too): decode 357 launches and 1.08x the base's time against ``lorahot_gemm``'s 379 and 1.19x;
-the process compiled in 171 s against 91 s. Since, ``lorahot`` takes the library's
+the process compiled in 171 s against 91 s. Since then ``lorahot`` takes the library's
 defaults with the switch on (gate/up's members unrolled into the SiLU product, o and down
 not), ``lorahot_all`` unrolls lone layers too (``unrolled_expand.LONE``), ``lorahot_lone``
 only lone layers' expands (o, down; ``unrolled_expand.MEMBERS`` off), ``lorahot_sums`` the
@@ -428,16 +428,7 @@ def make(name: str, w: Any, ab: dict[str, tuple[torch.Tensor, torch.Tensor]], ke
     name = name.removesuffix("_dyn")
     model = w.fresh_base()
     switches(name)
-    if name in (
-        "lorahot",
-        "lorahot_traced",
-        "lorahot_split",
-        "lorahot_unrolled",
-        "lorahot_gemm",
-        "lorahot_lone",
-        "lorahot_sums",
-        "lorahot_all",
-    ):
+    if name == "lorahot" or name.startswith("lorahot_"):  # the library, its switches set by switches()
         runtime = lorahot.inject(model, TARGETS, max_rank=MAX_RANK)
         runtime.load(adapter_file(w.adapters[MAX_RANK]))
         keep.append(runtime)

@@ -334,8 +334,8 @@ def expands(x: torch.Tensor, wide: torch.Tensor, outs: list[int], *, one_buffer:
             placed = [_placed(d, start, gap, total) for d, start, gap in _expands(yh, bt, outs, at, r, rows)]
             joined = torch.as_strided(yh + sum(placed[1:], placed[0]), (rows, total), (total, 1))
         return [joined[:, i : i + o].view(*lead, o) for i, o in zip(at, outs, strict=True)]
-    few = few and (unrolled.MEMBERS if len(outs) > 1 else unrolled.LONE)
-    parts = _unrolled(yh, bt, outs, at, r) if few else _expands(yh, bt, outs, at, r, rows)
+    unroll = few and (unrolled.MEMBERS if len(outs) > 1 else unrolled.LONE)
+    parts = _unrolled(yh, bt, outs, at, r) if unroll else _expands(yh, bt, outs, at, r, rows)
     ds = [d[c] for d, _, _ in parts for c in range(d.shape[0])]
     return [(yh[:, i : i + o] + d).view(*lead, o) for i, o, d in zip(at, outs, ds, strict=True)]
 
