@@ -13,8 +13,15 @@ with ``fullgraph=True`` after a prefill call, as the suite does) and, per config
   calls that matter per call (``mm``/``addmm``, ``reinterpret_tensor``, allocations, Triton runs);
 - Python's garbage collections during the timed calls.
 
-Configurations: ``base`` and ``lorahot`` (as the suite). The cProfile columns: calls per decode
-call and their own time (tottime, under the profiler), not what they call.
+Configurations (``PROBE_CONFIGS``, default ``base,lorahot``): ``base`` and ``lorahot`` (as the
+suite), ``lorahot_nohook`` (the same without the pre-hook that refuses PEFT's ``adapter_names=``).
+With ``PROBE_SKIP_GUARDS=1`` each configuration is also timed under
+``torch.compiler.set_stance(skip_guard_eval_unsafe=True)`` (the row ``NAME, guards skipped``):
+dynamo then checks only the guards that tell the frame's cached graphs apart, so the difference
+is what the guards cost the host in place, with the model's own work between two checks (not
+the hot loop of ``guard_cost_probe``). A configuration whose frames refuse the stance (a frame
+it would recompile) prints so and has no such row. The cProfile columns: calls per decode call
+and their own time (tottime, under the profiler), not what they call.
 
 Measured on an H200 host (torch 2.11, one decode row, 154 rank-64 layers):
 
@@ -29,7 +36,7 @@ Measured on an H200 host (torch 2.11, one decode row, 154 rank-64 layers):
   ``torch.mm`` did (43 against 31 us, both inflated by the profiler): in default mode on this
   host what a layer costs is how many launches it adds, whatever they launch.
 
-    PYTHONPATH=. python3 -m benchmarks.experiments.default_mode_probe
+    PYTHONPATH=. [PROBE_CONFIGS=base,lorahot,lorahot_nohook PROBE_SKIP_GUARDS=1] python3 -m benchmarks.experiments.default_mode_probe
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ from __future__ import annotations
 import cProfile
 import gc
 import io
+import os
 import pstats
 import statistics
 import time
@@ -46,6 +54,7 @@ import torch
 
 import lorahot
 from benchmarks.workload import MAX_RANK, TARGETS, build
+from lorahot.runtime import peft_arguments
 
 Call = Callable[[], object]
 
@@ -55,7 +64,8 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-CONFIGS = ("base", "lorahot")
+CONFIGS = tuple(os.environ.get("PROBE_CONFIGS", "base,lorahot").split(","))
+SKIP_GUARDS = os.environ.get("PROBE_SKIP_GUARDS") == "1"
 
 
 def compiled(name: str, model: torch.nn.Module, ids: dict[str, torch.Tensor]) -> Call:
@@ -74,6 +84,16 @@ def compiled(name: str, model: torch.nn.Module, ids: dict[str, torch.Tensor]) ->
         err = ((got - want).norm() / want.norm()).item()
         print(f"{name}: compiled decode against eager, relative error {err:.3g}", flush=True)
     return lambda: call(ids["decode"])
+
+
+def guards_skipped(call: Call) -> Call:
+    """``call`` under the stance that skips dynamo's guards but those telling cached graphs apart."""
+
+    def skipped() -> object:
+        with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
+            return call()
+
+    return skipped
 
 
 def host_and_synced(call: Call, n: int = 30) -> tuple[float, float]:
@@ -135,33 +155,44 @@ def main() -> None:
             runtime = lorahot.inject(model, TARGETS, max_rank=MAX_RANK)
             runtime.load(w.adapters[64])
             keep.append(runtime)
+            if name == "lorahot_nohook":
+                for module in model.modules():
+                    peft_arguments.uninstall(module)
         keep.append(model)
         calls[name] = compiled(name, model, ids)
         print(f"{name}: compiled in {time.perf_counter() - t:.1f} s", flush=True)
+        if SKIP_GUARDS:
+            skipped = guards_skipped(calls[name])
+            try:
+                skipped()
+                calls[f"{name}, guards skipped"] = skipped
+            except RuntimeError as err:
+                print(f"{name}: refuses skip_guard_eval_unsafe ({str(err).splitlines()[0][:120]})", flush=True)
     for call in calls.values():
         for _ in range(10):
             call()
     rows: dict[str, list[tuple[float, float]]] = {k: [] for k in calls}
     collections = dict.fromkeys(calls, 0)
-    for _ in range(3):
+    for _ in range(5):
         for name, call in calls.items():
             before = sum(s["collections"] for s in gc.get_stats())
             rows[name].append(host_and_synced(call))
             collections[name] += sum(s["collections"] for s in gc.get_stats()) - before
-    print("decode, default mode: host ms / synced ms per call, 3 interleaved rounds (median of 30)")
+    print("decode, default mode: host ms / synced ms per call, 5 interleaved rounds (median of 30)")
     base_host = statistics.median(h for h, _ in rows["base"])
     base_sync = statistics.median(s for _, s in rows["base"])
     for name, r in rows.items():
         h = statistics.median(x for x, _ in r)
         s = statistics.median(y for _, y in r)
         print(
-            f"{name:20s} host {h:7.3f} synced {s:7.3f} ({s / base_sync:.2f}x; host +{(h - base_host) * 1e3 / 154:.1f} "
+            f"{name:32s} host {h:7.3f} synced {s:7.3f} ({s / base_sync:.2f}x; host +{(h - base_host) * 1e3 / 154:.1f} "
             f"us per LoRA layer) rounds {' '.join(f'{y:.2f}' for _, y in r)} launches {launches(calls[name])} "
             f"gc collections {collections[name]}",
             flush=True,
         )
     for name, call in calls.items():
-        profile(name, call)
+        if "skipped" not in name:
+            profile(name, call)
 
 
 if __name__ == "__main__":
