@@ -196,6 +196,41 @@ class LayerSpec:
         return (self.out_dim, first // self.groups, *rest)
 
 
+def arena_views(
+    layer: LoRALayer, key: int, geometry: tuple[Any, ...] | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(A, B, scale, extras)`` of ``layer`` as a compiled graph reads them: views of its arena's
+    global tensors (``TENSORS[key]``) at the layer's ``geometry``, constants of the graph; the
+    layer's own views where it is regional (``geometry`` None), inputs of the graph."""
+    if geometry is None:
+        assert layer._live is not None
+        return layer._live
+    a, b, s, e = TENSORS[key]
+    ga, gb, gs, ge = geometry
+    return a.as_strided(*ga), b.as_strided(*gb), s.as_strided(*gs), e.as_strided(*ge)
+
+
+def _no_compiled_path(*_: Any) -> None:
+    return None
+
+
+#: The compiled one-call paths of the layers that have them, ``(wide, routed)``: a wide layer's
+#: (``compiled_wide(layer, x, fused, key, geometry, shift_at)``) and a fused layer's per-row
+#: routed one (``compiled_routed(layer, x, route, fused, wide, key, slot_geometry)``), each
+#: returning None where the general forward decides. Only :mod:`lorahot.layers.linear`'s layers
+#: are wide or fused; it registers its functions (:func:`register_compiled_paths`). Module
+#: functions, not methods: a method looked up on the layer is re-checked by a compiled call's
+#: guards for every layer (that the instance does not shadow it), a global function once per graph.
+_COMPILED_PATHS: list[Callable[..., torch.Tensor | None]] = [_no_compiled_path, _no_compiled_path]
+
+
+def register_compiled_paths(
+    wide: Callable[..., torch.Tensor | None], routed: Callable[..., torch.Tensor | None]
+) -> None:
+    """Sets the forward's compiled one-call paths (:data:`_COMPILED_PATHS`)."""
+    _COMPILED_PATHS[:] = [wide, routed]
+
+
 #: The attributes :attr:`LoRALayer._plan` gathers for the forward.
 _PLANNED = frozenset(
     {
@@ -731,12 +766,7 @@ class LoRALayer(nn.Module):
             _recorded(self, "torch.export")
         _compiled(self)  # inductor's freezing: a constant when compiling, no guard, nothing traced
         key, geometry = self._plan[4:6]
-        if geometry is None:  # regional: the layer's own views, inputs of the graph
-            assert self._live is not None
-            return self._live
-        a, b, s, e = TENSORS[key]
-        ga, gb, gs, ge = geometry
-        return a.as_strided(*ga), b.as_strided(*gb), s.as_strided(*gs), e.as_strided(*ge)
+        return arena_views(self, key, geometry)
 
     def dora_versions(self) -> tuple[tuple[int | None, int], tuple[int | None, int] | None]:
         """The base weight's and bias's version counters (None for an inference tensor) and
@@ -973,10 +1003,12 @@ class LoRALayer(nn.Module):
             if _exporting():  # a constant when compiling: no guard, nothing traced
                 _recorded(self, "torch.export")
             _compiled(self)  # inductor's freezing (as in _views)
+            # the common compiled cases in one call each, module functions rather than methods
+            # (see _COMPILED_PATHS); only a linear layer is wide or fused
             if route is not None:  # one slot per row (a graph of its own: the compiler guards on None)
-                z = self.compiled_routed(x, route, fused, wide, key, slot_geometry)
+                z = _COMPILED_PATHS[1](self, x, route, fused, wide, key, slot_geometry) if fused else None
             elif wide:
-                z = self.compiled_forward(x, fused, key, geometry, shift_at)  # the common compiled cases in one call
+                z = _COMPILED_PATHS[0](self, x, fused, key, geometry, shift_at)
             else:
                 z = None
             if z is not None:

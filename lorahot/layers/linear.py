@@ -30,9 +30,11 @@ from lorahot.layers.base import (
     WIDE_BUFFER,
     LayerSpec,
     LoRALayer,
+    arena_views,
     dora_needs,
     overrides_forward,
     own_code,
+    register_compiled_paths,
     under_transform,
     unusual_values,
 )
@@ -426,57 +428,8 @@ class LoRALinear(LoRALayer):
     def compiled_forward(
         self, x: torch.Tensor, fused: bool, key: int, geometry: tuple[Any, ...] | None, shift_at: Any = None
     ) -> torch.Tensor | None:
-        """The fused kernel or the wide path, as the general forward would choose between them
-        (the checks of :meth:`can_fuse` and :meth:`can_widen`), in one function: the compiler
-        traces the forward of every layer of every graph, and each call it inlines costs it
-        milliseconds (``benchmarks/experiments/trace_cost_probe.py``). Only the arena views the
-        path reads are made. None where the row count is symbolic (the dynamic-shapes operator)
-        or the checks fail: the general forward then decides."""
-        # can_widen's checks (for a fused, wide layer also the fused kernel's conditions on x),
-        # written out: two inlined calls fewer in every layer's trace
-        base = self._base
-        if x.dtype != base.weight.dtype or (torch.is_grad_enabled() and _needs_grad(x, base)):
-            return None
-        if _autocast_recasts(x, x.dtype):
-            return None
-        per_call = compile_mode.launched_per_call()
-        if per_call and (self._plan[7] is not None or wide_groups.ALONE) and wide_groups.joins(_rows(x)):
-            # default mode, rows where launches bound a step: the operator, which the grouping
-            # pass replaces by one GEMM for a wide group's members over one input and their
-            # expands (a layer alone: its GEMM over [W; A] and its expand), in aten the
-            # compiler launches itself (lorahot.kernels.wide_groups.expands)
-            a, b, s, _ = self._views(False)
-            return self.dynamic_forward(x, a, b, s)
-        if fused and not per_call:  # not replayed: the wide GEMMs (compile_mode)
-            rows = _rows(x)
-            if not fused_kernel.decidable(rows):  # a choice per call: the general forward's operator
-                return None
-            group = self._plan[7]
-            if group is not None and not all(fused_kernel.worth_it(rows, n, wide=True) for n in group[2]):
-                # a member of a wide group under CUDA graphs, at rows where the fused kernel does
-                # not pay for every member: the operator, which the grouping pass joins with its
-                # neighbours' over the same input (lorahot.kernels.wide_groups), and which takes
-                # the one GEMM where they are joined
-                a, b, s, _ = self._views(False)
-                return self.dynamic_forward(x, a, b, s)
-            if fused_kernel.worth_it(rows, self.spec.out_dim, wide=True):  # the fused kernel
-                if geometry is None:  # regional: the layer's own views
-                    a, b, s, _ = self._live  # type: ignore[misc]
-                else:
-                    arena = TENSORS[key]
-                    a, b, s = (
-                        arena[0].as_strided(*geometry[0]),
-                        arena[1].as_strided(*geometry[1]),
-                        arena[2].as_strided(*geometry[2]),
-                    )
-                z: torch.Tensor = fused_kernel.lora_linear(x, base.weight, base.bias, a, b, s)
-                return z
-        # the wide path's traced form as one operator, called here rather than through
-        # wide_forward: the compiler's trace of every layer records one node for it
-        if shift_at is not None:  # float16: the shifted rows' copy (wide_linear.SHIFTED_DTYPES)
-            return wide_kernel.wide_traced(x, self._buffers[WIDE_BUFFER], base.bias, self._shifted_a(shift_at), True)  # type: ignore[arg-type]
-        a = self._live[0] if geometry is None else TENSORS[key][0].as_strided(*geometry[0])  # type: ignore[index]
-        return wide_kernel.wide_traced(x, self._buffers[WIDE_BUFFER], base.bias, a)  # type: ignore[arg-type]
+        """:func:`compiled_wide` on this layer (the forward calls the function itself)."""
+        return compiled_wide(self, x, fused, key, geometry, shift_at)
 
     def compiled_routed(
         self,
@@ -487,22 +440,8 @@ class LoRALinear(LoRALayer):
         key: int,
         slot_geometry: tuple[Any, ...] | None,
     ) -> torch.Tensor | None:
-        """The routed fused linear (:meth:`routed_fused`'s operator) in one method, the misfit check
-        of :meth:`_routed_forward` and the slot views inlined: each method the general routed
-        path calls on the layer adds guards a compiled call re-checks for every layer (about 20 per
-        layer; on an H200 host the routed decode's guards took 0.28 ms more per call than the
-        base model's, ``benchmarks/experiments/mixed_profile_probe.py``). None where an input
-        does not fit the routing (the general path refuses it) or the operator does not apply."""
-        if not fused or routing.row_misfit(x, route.shape[0], "linear", 1, TOKENS.get(key, False)):
-            return None
-        if slot_geometry is None:  # regional: the layer's own views
-            a, b, s, _ = self._slots  # type: ignore[misc]
-        else:
-            arena = TENSORS[key]
-            ga, gb, gs, _ = slot_geometry
-            a, b, s = arena[0].as_strided(*ga), arena[1].as_strided(*gb), arena[2].as_strided(*gs)
-        base = self._base
-        return _routed_op(x, base.weight, base.bias, base, a, b, s, route, key, wide)
+        """:func:`compiled_routed` on this layer (the forward calls the function itself)."""
+        return compiled_routed(self, x, route, fused, wide, key, slot_geometry)
 
     def dynamic_rows(self, x: torch.Tensor) -> bool:
         """Compiled with a symbolic row count (dynamic shapes) that the fused kernel's row limits
@@ -512,28 +451,12 @@ class LoRALinear(LoRALayer):
         return _symbolic_rows(x) and self.can_widen(x)
 
     def dynamic_forward(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        """The fused kernel or the wide GEMMs, whichever pays for the rows of each call, chosen at
-        run time inside the operator ``lorahot::wide_linear_dynamic``; the bias added outside it,
-        in the elementwise pass the compiler fuses with what follows."""
-        fused = not compile_mode.launched_per_call()  # not replayed: the GEMMs alone (compile_mode)
-        y = wide_kernel.wide_linear_dynamic(x, self._wide_input(), a, b, scale, fused=fused)
-        bias = self._base.bias
-        return y if bias is None else y + bias
+        """:func:`dynamic_wide` on this layer."""
+        return dynamic_wide(self, x, a, b, scale)
 
     def _wide_input(self) -> torch.Tensor:
-        """The wide buffer as a compiled graph reads it: for a member of a wide group, a view of
-        the group's allocation through its handle (one graph input per group, the offsets
-        constants of the graph, as :func:`lorahot.kernels.wide_groups.group_wide_layers` needs
-        them); else the layer's own buffer. A move that converted the layer's buffer apart from
-        the allocation (``model.double()``) took the layer out of its group
-        (:meth:`~lorahot.layers.base.LoRALayer._leave_moved_allocation`). A member's buffer is
-        not read here: a compiled call re-checks every tensor and dictionary key its graph read
-        (on the CPU box about 0.6 us per layer, ``benchmarks/experiments/guard_cost_probe.py``)."""
-        at = self._plan[7]
-        if at is None or not torch.compiler.is_compiling():
-            wide: torch.Tensor = self._buffers[WIDE_BUFFER]  # type: ignore[assignment]
-            return wide
-        return TENSORS[at[0]][0].as_strided(*at[1])
+        """:func:`wide_input` on this layer."""
+        return wide_input(self)
 
     def merge_refusal(self) -> str | None:
         """Merged mode folds the LoRA into the weight, which is right only where the base computes
@@ -706,3 +629,117 @@ def _needs_grad(x: torch.Tensor, base: nn.Module) -> bool:
     ):
         return True
     return not torch.compiler.is_compiling() and under_transform()
+
+
+def compiled_wide(
+    layer: LoRALinear, x: torch.Tensor, fused: bool, key: int, geometry: tuple[Any, ...] | None, shift_at: Any = None
+) -> torch.Tensor | None:
+    """The fused kernel or the wide path, as the general forward would choose between them
+    (the checks of :meth:`can_fuse` and :meth:`can_widen`), in one function: the compiler
+    traces the forward of every layer of every graph, and each call it inlines costs it
+    milliseconds (``benchmarks/experiments/trace_cost_probe.py``). Only the arena views the
+    path reads are made. None where the row count is symbolic (the dynamic-shapes operator)
+    or the checks fail: the general forward then decides."""
+    # can_widen's checks (for a fused, wide layer also the fused kernel's conditions on x),
+    # written out: two inlined calls fewer in every layer's trace
+    base = layer._base
+    if x.dtype != base.weight.dtype or (torch.is_grad_enabled() and _needs_grad(x, base)):
+        return None
+    if _autocast_recasts(x, x.dtype):
+        return None
+    per_call = compile_mode.launched_per_call()
+    if per_call and (layer._plan[7] is not None or wide_groups.ALONE) and wide_groups.joins(_rows(x)):
+        # default mode, rows where launches bound a step: the operator, which the grouping
+        # pass replaces by one GEMM for a wide group's members over one input and their
+        # expands (a layer alone: its GEMM over [W; A] and its expand), in aten the
+        # compiler launches itself (lorahot.kernels.wide_groups.expands)
+        a, b, s, _ = arena_views(layer, key, geometry)
+        return dynamic_wide(layer, x, a, b, s)
+    if fused and not per_call:  # not replayed: the wide GEMMs (compile_mode)
+        rows = _rows(x)
+        if not fused_kernel.decidable(rows):  # a choice per call: the general forward's operator
+            return None
+        group = layer._plan[7]
+        if group is not None and not all(fused_kernel.worth_it(rows, n, wide=True) for n in group[2]):
+            # a member of a wide group under CUDA graphs, at rows where the fused kernel does
+            # not pay for every member: the operator, which the grouping pass joins with its
+            # neighbours' over the same input (lorahot.kernels.wide_groups), and which takes
+            # the one GEMM where they are joined
+            a, b, s, _ = arena_views(layer, key, geometry)
+            return dynamic_wide(layer, x, a, b, s)
+        if fused_kernel.worth_it(rows, layer.spec.out_dim, wide=True):  # the fused kernel
+            if geometry is None:  # regional: the layer's own views
+                a, b, s, _ = layer._live  # type: ignore[misc]
+            else:
+                arena = TENSORS[key]
+                a, b, s = (
+                    arena[0].as_strided(*geometry[0]),
+                    arena[1].as_strided(*geometry[1]),
+                    arena[2].as_strided(*geometry[2]),
+                )
+            z: torch.Tensor = fused_kernel.lora_linear(x, base.weight, base.bias, a, b, s)
+            return z
+    # the wide path's traced form as one operator, called here rather than through
+    # wide_forward: the compiler's trace of every layer records one node for it
+    if shift_at is not None:  # float16: the shifted rows' copy (wide_linear.SHIFTED_DTYPES)
+        return wide_kernel.wide_traced(x, layer._buffers[WIDE_BUFFER], base.bias, layer._shifted_a(shift_at), True)  # type: ignore[arg-type]
+    a = layer._live[0] if geometry is None else TENSORS[key][0].as_strided(*geometry[0])  # type: ignore[index]
+    return wide_kernel.wide_traced(x, layer._buffers[WIDE_BUFFER], base.bias, a)  # type: ignore[arg-type]
+
+
+def compiled_routed(
+    layer: LoRALinear,
+    x: torch.Tensor,
+    route: torch.Tensor,
+    fused: bool,
+    wide: bool,
+    key: int,
+    slot_geometry: tuple[Any, ...] | None,
+) -> torch.Tensor | None:
+    """The routed fused linear (:meth:`routed_fused`'s operator) in one method, the misfit check
+    of :meth:`_routed_forward` and the slot views inlined: each method the general routed
+    path calls on the layer adds guards a compiled call re-checks for every layer (about 20 per
+    layer; on an H200 host the routed decode's guards took 0.28 ms more per call than the
+    base model's, ``benchmarks/experiments/mixed_profile_probe.py``). None where an input
+    does not fit the routing (the general path refuses it) or the operator does not apply."""
+    if not fused or routing.row_misfit(x, route.shape[0], "linear", 1, TOKENS.get(key, False)):
+        return None
+    if slot_geometry is None:  # regional: the layer's own views
+        a, b, s, _ = layer._slots  # type: ignore[misc]
+    else:
+        arena = TENSORS[key]
+        ga, gb, gs, _ = slot_geometry
+        a, b, s = arena[0].as_strided(*ga), arena[1].as_strided(*gb), arena[2].as_strided(*gs)
+    base = layer._base
+    return _routed_op(x, base.weight, base.bias, base, a, b, s, route, key, wide)
+
+
+def dynamic_wide(
+    layer: LoRALinear, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor
+) -> torch.Tensor:
+    """The fused kernel or the wide GEMMs, whichever pays for the rows of each call, chosen at
+    run time inside the operator ``lorahot::wide_linear_dynamic``; the bias added outside it,
+    in the elementwise pass the compiler fuses with what follows."""
+    fused = not compile_mode.launched_per_call()  # not replayed: the GEMMs alone (compile_mode)
+    y = wide_kernel.wide_linear_dynamic(x, wide_input(layer), a, b, scale, fused=fused)
+    bias = layer._base.bias
+    return y if bias is None else y + bias
+
+
+def wide_input(layer: LoRALinear) -> torch.Tensor:
+    """The wide buffer as a compiled graph reads it: for a member of a wide group, a view of
+    the group's allocation through its handle (one graph input per group, the offsets
+    constants of the graph, as :func:`lorahot.kernels.wide_groups.group_wide_layers` needs
+    them); else the layer's own buffer. A move that converted the layer's buffer apart from
+    the allocation (``model.double()``) took the layer out of its group
+    (:meth:`~lorahot.layers.base.LoRALayer._leave_moved_allocation`). A member's buffer is
+    not read here: a compiled call re-checks every tensor and dictionary key its graph read
+    (on the CPU box about 0.6 us per layer, ``benchmarks/experiments/guard_cost_probe.py``)."""
+    at = layer._plan[7]
+    if at is None or not torch.compiler.is_compiling():
+        wide: torch.Tensor = layer._buffers[WIDE_BUFFER]  # type: ignore[assignment]
+        return wide
+    return TENSORS[at[0]][0].as_strided(*at[1])
+
+
+register_compiled_paths(compiled_wide, compiled_routed)

@@ -359,7 +359,9 @@ def test_a_compiled_call_does_not_recheck_a_member_s_own_buffer(
     through its handle, so a compiled call re-checks neither its ``_buffers`` (their keys, the
     wide buffer's tensor guard) nor ``_views``'s default argument: each would be guards per
     layer on every call (``benchmarks/experiments/guard_cost_probe.py``). o, in no allocation,
-    reads its own buffer, which is guarded. Negative control: ``model.float()`` converts the
+    reads its own buffer, which is guarded. Nor does it re-check, per layer, that the instance
+    does not shadow the methods of the compiled path: that path is module functions
+    (``lorahot.layers.linear.compiled_wide``). Negative control: ``model.float()`` converts the
     buffers apart from their allocations, the members leave their groups, and the graph
     reads, and guards, their own buffers, computing what the eager model does."""
     import torch._dynamo.guards as dynamo_guards
@@ -376,6 +378,11 @@ def test_a_compiled_call_does_not_recheck_a_member_s_own_buffer(
     assert "_modules['o']._buffers['_lora_wide']" in forward and "_plan" in forward
     assert not any(f"_modules['{n}']._buffers" in forward for n in members)
     assert "__defaults__" not in forward
+    # the compiled paths are module functions: no per-layer check that the instance shadows none
+    assert "___dict_contains('forward'" in forward  # (the modules' own calls are checked)
+    assert not any(
+        f"___dict_contains('{m}'" in forward for m in ("compiled_forward", "_views", "dynamic_forward", "_wide_input")
+    )
     model.float()
     assert all(model.get_submodule(n)._wide_at is None for n in members)
     with torch.no_grad():
