@@ -14,7 +14,10 @@ with ``fullgraph=True`` after a prefill call, as the suite does) and, per config
 - Python's garbage collections during the timed calls.
 
 Configurations (``PROBE_CONFIGS``, default ``base,lorahot``): ``base`` and ``lorahot`` (as the
-suite), ``lorahot_nohook`` (the same without the pre-hook that refuses PEFT's ``adapter_names=``).
+suite), ``lorahot_nohook`` (the same without the pre-hook that refuses PEFT's ``adapter_names=``);
+a name ending in ``_reuse`` (``base_reuse``, ``lorahot_reuse``) is that configuration compiled
+with inductor taking every buffer reuse it finds (:func:`always_reuse`). ``PROBE_PROFILE=0``
+skips the cProfile part.
 With ``PROBE_SKIP_GUARDS=1`` each configuration is also timed under
 ``torch.compiler.set_stance(skip_guard_eval_unsafe=True)`` (the row ``NAME, guards skipped``):
 dynamo then checks only the guards that tell the frame's cached graphs apart, so the difference
@@ -41,6 +44,7 @@ Measured on an H200 host (torch 2.11, one decode row, 154 rank-64 layers):
 
 from __future__ import annotations
 
+import contextlib
 import cProfile
 import gc
 import io
@@ -48,7 +52,7 @@ import os
 import pstats
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -68,6 +72,25 @@ CONFIGS = tuple(os.environ.get("PROBE_CONFIGS", "base,lorahot").split(","))
 SKIP_GUARDS = os.environ.get("PROBE_SKIP_GUARDS") == "1"
 
 
+@contextlib.contextmanager
+def always_reuse() -> Iterator[None]:
+    """Inductor's wrapper with every buffer reuse its planning finds taken: while this is on,
+    ``AllocateLine.should_reuse_buffer`` answers yes where it refuses a reuse that would raise
+    the graph's estimated peak memory (at decode the peak is a few tens of KB, which lorahot's
+    temporaries reach: each later block then allocates its own), and the FX graph cache is off
+    so that the wrapper is generated anew."""
+    from torch._inductor import config
+    from torch._inductor.codegen import wrapper
+
+    saved = wrapper.AllocateLine.should_reuse_buffer
+    wrapper.AllocateLine.should_reuse_buffer = lambda self, free_line, size: True  # type: ignore[method-assign]
+    try:
+        with config.patch(fx_graph_cache=False):
+            yield
+    finally:
+        wrapper.AllocateLine.should_reuse_buffer = saved  # type: ignore[method-assign]
+
+
 def compiled(name: str, model: torch.nn.Module, ids: dict[str, torch.Tensor]) -> Call:
     c = torch.compile(model, fullgraph=True)
 
@@ -76,9 +99,10 @@ def compiled(name: str, model: torch.nn.Module, ids: dict[str, torch.Tensor]) ->
             out: torch.Tensor = c(input_ids=x).logits
             return out
 
-    call(ids["prefill"])
-    got = call(ids["decode"]).float()
-    if name != "base":
+    with always_reuse() if name.endswith("_reuse") else contextlib.nullcontext():
+        call(ids["prefill"])
+        got = call(ids["decode"]).float()
+    if not name.startswith("base"):
         with torch.inference_mode():
             want = model(input_ids=ids["decode"]).logits.float()
         err = ((got - want).norm() / want.norm()).item()
@@ -151,11 +175,11 @@ def main() -> None:
     for name in CONFIGS:
         t = time.perf_counter()
         model = w.fresh_base()
-        if name != "base":
+        if not name.startswith("base"):
             runtime = lorahot.inject(model, TARGETS, max_rank=MAX_RANK)
             runtime.load(w.adapters[64])
             keep.append(runtime)
-            if name == "lorahot_nohook":
+            if name.startswith("lorahot_nohook"):
                 for module in model.modules():
                     peft_arguments.uninstall(module)
         keep.append(model)
@@ -191,7 +215,7 @@ def main() -> None:
             flush=True,
         )
     for name, call in calls.items():
-        if "skipped" not in name:
+        if "skipped" not in name and os.environ.get("PROBE_PROFILE", "1") == "1":
             profile(name, call)
 
 

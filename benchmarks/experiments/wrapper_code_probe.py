@@ -6,7 +6,8 @@ one line per kernel launch, extern GEMM, allocation and view. Under cProfile on 
 wrapper made 206 allocations per call against the base model's 55, and 44 batched GEMMs the base
 model has not, while the guards of the two differed by less than 0.1 ms. This probe compiles the
 forward suite's model cut to ``PROBE_BLOCKS`` blocks (default 1) at the full width, the base model
-and lorahot (``PROBE_FORMS``, default ``base,lorahot``) in default mode after a prefill call, as
+and lorahot (``PROBE_FORMS``, default ``base,lorahot``; a form ending in ``_reuse`` compiled with
+every buffer reuse taken, ``default_mode_probe.always_reuse``) in default mode after a prefill call, as
 the suite compiles, and for the decode call's graph prints the wrapper's counts (allocations,
 extern GEMMs by kind, Triton launches, views) and its ``call`` function, which it also writes to
 ``$OUT/wrapper-FORM.py`` with the kernels' source.
@@ -16,6 +17,7 @@ extern GEMMs by kind, Triton launches, views) and its ``call`` function, which i
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from pathlib import Path
@@ -25,6 +27,7 @@ from torch._inductor.utils import run_and_get_code
 
 import lorahot
 from benchmarks import workload
+from benchmarks.experiments.default_mode_probe import always_reuse
 from benchmarks.workload import MAX_RANK, TARGETS, adapter_file
 from lorahot.layers import linear as linear_layer
 from lorahot.runtime import wide
@@ -65,19 +68,19 @@ def main() -> None:
         linear_layer.LoRALinear.fusable = lambda self, a: True  # type: ignore[method-assign]
         linear_layer.LoRALinear.can_fuse = lambda self, x, a: False  # type: ignore[method-assign]
     workload.llama_config = _config  # type: ignore[assignment]
-    w = workload.build(small=dev.type == "cpu", device=dev)
+    w = workload.build(small=dev.type == "cpu" and os.environ.get("PROBE_FULL") != "1", device=dev)
     out = Path(os.environ.get("OUT", "/tmp/lorahot-out"))
     out.mkdir(parents=True, exist_ok=True)
     keep = []
     for form in os.environ.get("PROBE_FORMS", "base,lorahot").split(","):
         model = w.fresh_base()
-        if form != "base":
+        if not form.startswith("base"):
             runtime = lorahot.inject(model, TARGETS, max_rank=MAX_RANK)
             runtime.load(adapter_file(w.adapters[MAX_RANK]))
             keep.append(runtime)
         keep.append(model)
         compiled = torch.compile(model, fullgraph=True)
-        with torch.inference_mode():
+        with torch.inference_mode(), always_reuse() if form.endswith("_reuse") else contextlib.nullcontext():
             compiled(input_ids=w.prefill)
             _, codes = run_and_get_code(lambda: compiled(input_ids=w.decode))
         code = "\n\n# ---- next module\n\n".join(codes)
