@@ -15,8 +15,9 @@ with ``fullgraph=True`` after a prefill call, as the suite does) and, per config
 
 Configurations (``PROBE_CONFIGS``, default ``base,lorahot``): ``base`` and ``lorahot`` (as the
 suite), ``lorahot_nohook`` (the same without the pre-hook that refuses PEFT's ``adapter_names=``);
-a name ending in ``_reuse`` (``base_reuse``, ``lorahot_reuse``) is that configuration compiled
-with inductor taking every buffer reuse it finds (:func:`always_reuse`). ``PROBE_PROFILE=0``
+a name with ``_reuse`` (``base_reuse``, ``lorahot_reuse``) is that configuration compiled
+with inductor taking every buffer reuse it finds (:func:`always_reuse`), one with ``_unrolled``
+or ``_accumulate`` with that switch of the library on (:func:`switches`). ``PROBE_PROFILE=0``
 skips the cProfile part.
 With ``PROBE_SKIP_GUARDS=1`` each configuration is also timed under
 ``torch.compiler.set_stance(skip_guard_eval_unsafe=True)`` (the row ``NAME, guards skipped``):
@@ -58,6 +59,7 @@ import torch
 
 import lorahot
 from benchmarks.workload import MAX_RANK, TARGETS, build
+from lorahot.kernels import unrolled_expand, wide_groups
 from lorahot.runtime import peft_arguments
 
 Call = Callable[[], object]
@@ -70,6 +72,7 @@ def sync() -> None:
 
 CONFIGS = tuple(os.environ.get("PROBE_CONFIGS", "base,lorahot").split(","))
 SKIP_GUARDS = os.environ.get("PROBE_SKIP_GUARDS") == "1"
+ROUNDS = int(os.environ.get("PROBE_ROUNDS", "5"))
 
 
 @contextlib.contextmanager
@@ -91,6 +94,23 @@ def always_reuse() -> Iterator[None]:
         wrapper.AllocateLine.should_reuse_buffer = saved  # type: ignore[method-assign]
 
 
+@contextlib.contextmanager
+def switches(name: str) -> Iterator[None]:
+    """The library's switches a configuration's name asks for, while it compiles: ``_unrolled``
+    (:data:`lorahot.kernels.unrolled_expand.ENABLED`: gate's and up's expands unrolled, with
+    o's and down's where ``LORAHOT_UNROLLED_LONE=1``), ``_accumulate``
+    (:data:`lorahot.kernels.wide_groups.ACCUMULATE`), ``_reuse`` (:func:`always_reuse`); the
+    others as the library sets them."""
+    saved = unrolled_expand.ENABLED, wide_groups.ACCUMULATE
+    unrolled_expand.ENABLED = unrolled_expand.ENABLED or "_unrolled" in name
+    wide_groups.ACCUMULATE = wide_groups.ACCUMULATE or "_accumulate" in name
+    try:
+        with always_reuse() if "_reuse" in name else contextlib.nullcontext():
+            yield
+    finally:
+        unrolled_expand.ENABLED, wide_groups.ACCUMULATE = saved
+
+
 def compiled(name: str, model: torch.nn.Module, ids: dict[str, torch.Tensor]) -> Call:
     c = torch.compile(model, fullgraph=True)
 
@@ -99,7 +119,7 @@ def compiled(name: str, model: torch.nn.Module, ids: dict[str, torch.Tensor]) ->
             out: torch.Tensor = c(input_ids=x).logits
             return out
 
-    with always_reuse() if name.endswith("_reuse") else contextlib.nullcontext():
+    with switches(name):
         call(ids["prefill"])
         got = call(ids["decode"]).float()
     if not name.startswith("base"):
@@ -197,12 +217,12 @@ def main() -> None:
             call()
     rows: dict[str, list[tuple[float, float]]] = {k: [] for k in calls}
     collections = dict.fromkeys(calls, 0)
-    for _ in range(5):
+    for _ in range(ROUNDS):
         for name, call in calls.items():
             before = sum(s["collections"] for s in gc.get_stats())
             rows[name].append(host_and_synced(call))
             collections[name] += sum(s["collections"] for s in gc.get_stats()) - before
-    print("decode, default mode: host ms / synced ms per call, 5 interleaved rounds (median of 30)")
+    print(f"decode, default mode: host ms / synced ms per call, {ROUNDS} interleaved rounds (median of 30)")
     base_host = statistics.median(h for h, _ in rows["base"])
     base_sync = statistics.median(s for _, s in rows["base"])
     for name, r in rows.items():

@@ -37,6 +37,7 @@ COUNTED = {
     "mm": r"extern_kernels\.mm\(",
     "addmm": r"extern_kernels\.addmm\(",
     "bmm": r"extern_kernels\.bmm\(",
+    "baddbmm": r"extern_kernels\.baddbmm\(",
     "Triton launches": r"\.run\(",
     "reinterpret_tensor": r"reinterpret_tensor\(",
     "other extern calls": r"^\s+\w+ = (?:torch\.ops\.|aten\.)",

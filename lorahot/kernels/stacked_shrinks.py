@@ -119,6 +119,7 @@ class StackShrinks(CustomGraphPass):
             wide_groups.ROWS,
             wide_groups.ONE_BUFFER,
             wide_groups.JOIN_SYMBOLIC,
+            wide_groups.ACCUMULATE,
             unrolled_expand.ENABLED,
             unrolled_expand.ROWS,
             unrolled_expand.RANK,

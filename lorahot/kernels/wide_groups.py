@@ -98,6 +98,7 @@ from lorahot.kernels.op_registry import define, refuse_grad
 from lorahot.kernels.rows import as_rows
 
 __all__ = [
+    "ACCUMULATE",
     "ALONE",
     "ENABLED",
     "JOIN_SYMBOLIC",
@@ -149,6 +150,18 @@ ALONE = True
 #: block at small widths or nothing (``benchmarks/experiments/rope_fusion_probe.py``).
 ONE_BUFFER = True
 
+#: In default mode, whether each expand accumulates into its member's base output inside the
+#: batched GEMM that computes it (``baddbmm``, ``beta = 1``: :func:`_accumulated`), so the GEMM
+#: writes the member's output, rather than writing the expand alone for the compiler to add in
+#: what reads it (or in one kernel, :data:`ONE_BUFFER`): the same launches in the compiled
+#: wrapper, one rounding fewer, and no temporaries beside the outputs. Those temporaries keep a
+#: decode graph's memory at its estimated peak, where inductor refuses to reuse a freed buffer
+#: across it and allocates anew in every block (on an H100 host 206 allocations per decode call
+#: against the base model's 55; on the CPU box, 3 blocks at full width, 38 against 28 with this
+#: on and 14 for the base model). Off unless ``LORAHOT_ACCUMULATE_EXPANDS=1`` at import: on a GPU
+#: ATen's ``baddbmm`` into another tensor first copies the added input into it (a launch of its
+#: own), which may cost more than the allocations it saves. Not measured on a GPU.
+ACCUMULATE = os.environ.get("LORAHOT_ACCUMULATE_EXPANDS") == "1"
 _aten = torch.ops.aten
 #: ops that read no element: a reader of a member's output through them reads the output
 _VIEWS = RESHAPES | {
@@ -326,6 +339,8 @@ def expands(x: torch.Tensor, wide: torch.Tensor, outs: list[int], *, one_buffer:
     bt = wide[:, k:].t()  # [R, sum(out_i + R)]: B_s_i.T in member i's columns, zeros under the A rows
     at = list(itertools.accumulate([0] + [n + r for n in outs[:-1]]))
     few = unrolled.fits(rows, r)
+    if ACCUMULATE and not (few and (unrolled.MEMBERS if len(outs) > 1 else unrolled.LONE)):
+        return [d.view(*lead, o) for d, o in zip(_accumulated(yh, bt, outs, at, r), outs, strict=True)]
     if one_buffer and len(outs) > 1:
         if few and unrolled.SUMS:  # one elementwise node, which the compiler realizes as the one buffer
             joined = unrolled.unrolled_sums(yh, bt, at, outs)
@@ -360,6 +375,31 @@ def _expands(yh: torch.Tensor, bt: torch.Tensor, outs: list[int], at: list[int],
         first = yh[:, outs[0] : outs[0] + r] @ bt[:, : outs[0]]
         return [(first[None], 0, outs[0] + r), (_evenly_spaced(yh, bt, at[1], m - 1, n, r), at[1], n + r)]
     return [((yh[:, i + o : i + o + r] @ bt[:, i : i + o])[None], i, o + r) for i, o in zip(at, outs, strict=True)]
+
+
+def _accumulated(yh: torch.Tensor, bt: torch.Tensor, outs: list[int], at: list[int], r: int) -> list[torch.Tensor]:
+    """Every member's output ``y_i + h_i @ B_s_i.T``, in the members' order, each written by the
+    batched GEMM that computes its expand (``baddbmm`` with ``y_i`` as the added input): members
+    of one width lying evenly spaced share one; a first member wider than the rest (GQA's q) has
+    one of its own. ``baddbmm`` and not ``addmm`` for a lone member too: inductor splits an
+    ``addmm`` read only by elementwise ops back into a GEMM and an addition on a GPU."""
+    n, m = outs[-1], len(outs)
+    if m > 1 and all(o == n for o in outs):
+        return list(_accumulated_run(yh, bt, 0, m, n, r).unbind(0))
+    if m > 1 and all(o == n for o in outs[1:]) and outs[0] > n:
+        first = _accumulated_run(yh, bt, 0, 1, outs[0], r)[0]
+        return [first, *_accumulated_run(yh, bt, at[1], m - 1, n, r).unbind(0)]
+    return [_accumulated_run(yh, bt, i, 1, o, r)[0] for i, o in zip(at, outs, strict=True)]
+
+
+def _accumulated_run(yh: torch.Tensor, bt: torch.Tensor, start: int, count: int, n: int, r: int) -> torch.Tensor:
+    """The outputs ``[count, rows, n]`` of ``count`` members of width ``n`` whose blocks lie back
+    to back from column ``start`` of ``yh`` (``[y | h]`` each, ``n + r`` wide), their ``B_s.T``
+    in the same columns of ``bt``: one ``baddbmm`` over strided views, no copy."""
+    gap = n + r
+    seg = yh[:, start : start + count * gap].view(yh.shape[0], count, gap).transpose(0, 1)
+    b = bt[:, start : start + count * gap].view(r, count, gap).transpose(0, 1)[..., :n]
+    return torch.baddbmm(seg[..., :n], seg[..., n:], b)
 
 
 def _unrolled(yh: torch.Tensor, bt: torch.Tensor, outs: list[int], at: list[int], r: int) -> list[_Part]:

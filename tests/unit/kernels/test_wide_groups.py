@@ -551,6 +551,7 @@ def test_in_default_mode_a_group_is_one_gemm_and_one_batched_expand(
     monkeypatch.setattr(unrolled_expand, "LONE", unroll in ("all", "lone"))
     monkeypatch.setattr(wide_groups, "ENABLED", on)
     monkeypatch.setattr(wide_groups, "JOIN_SYMBOLIC", False)
+    monkeypatch.setattr(wide_groups, "ACCUMULATE", False)
     if dynamic:  # a symbolic row count is not compared with ROWS: rows on either side of it
         monkeypatch.setattr(wide_groups, "ROWS", 8)
     torch.manual_seed(0)
@@ -581,6 +582,49 @@ def test_in_default_mode_a_group_is_one_gemm_and_one_batched_expand(
         )
     assert _gemms(code) == want
     assert as_on_cuda[0] == (7 if on else 0)  # the first graph's operators (o's and down's too), all replaced
+
+
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "symbolic-rows"])
+@pytest.mark.parametrize("on", [True, False], ids=["accumulated", "negative-control"])
+def test_in_default_mode_accumulated_expands_write_each_output_in_their_batched_gemm(
+    dynamic: bool, on: bool, as_on_cuda: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With :data:`~lorahot.kernels.wide_groups.ACCUMULATE` each expand adds its member's base
+    output inside the batched GEMM that computes it (``baddbmm``): q alone, k and v in one, gate
+    and up in one, o and down each alone, after the same GEMMs over the groups' rows (4 ``mm``
+    and 5 ``baddbmm``, no other batched GEMM), with static rows and with a symbolic row count
+    (q has its own either way). The outputs equal the eager model's through two swaps with no
+    recompile. Negative control, the switch off: no ``baddbmm``, the batched expands
+    (``bmm``) of the default form."""
+    from torch._inductor.utils import run_and_get_code
+
+    monkeypatch.setattr(unrolled_expand, "ENABLED", False)
+    monkeypatch.setattr(wide_groups, "ACCUMULATE", on)
+    monkeypatch.setattr(wide_groups, "JOIN_SYMBOLIC", False)
+    if dynamic:
+        monkeypatch.setattr(wide_groups, "ROWS", 8)
+    torch.manual_seed(0)
+    model = _Block().double()
+    runtime = lorahot.inject(model, BLOCK, max_rank=R, extras=False)
+    adapters = [make_adapter(model, dict.fromkeys(BLOCK, r), seed=s)[0] for r, s in ((4, 0), (8, 1), (2, 2))]
+    runtime.load(adapters[0])
+    compiled = torch.compile(model, dynamic=dynamic, fullgraph=True)
+    shapes = [(2, 5, D), (3, 7, D), (4, 9, D)] if dynamic else [(2, 5, D)]
+    xs = [torch.randn(*shape, dtype=torch.float64) for shape in shapes]
+    with torch.no_grad():
+        got, code = run_and_get_code(compiled, xs[0])
+        torch.testing.assert_close(got, _eager(model, xs[0]), rtol=1e-9, atol=1e-9)
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            for adapter in adapters[1:]:
+                runtime.load(adapter)
+                for x in xs:
+                    torch.testing.assert_close(compiled(x), _eager(model, x), rtol=1e-9, atol=1e-9)
+    src = "\n".join(code)
+    baddbmm = src.count("extern_kernels.baddbmm(")
+    if on:
+        assert (_gemms(code), baddbmm) == ({"mm": 4, "addmm": 0, "bmm": 0}, 5)
+    else:
+        assert baddbmm == 0 and _gemms(code)["bmm"] == 2
 
 
 def test_in_default_mode_a_group_above_its_rows_keeps_the_traced_formula(
