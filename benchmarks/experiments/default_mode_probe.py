@@ -98,11 +98,12 @@ def always_reuse() -> Iterator[None]:
 def switches(name: str) -> Iterator[None]:
     """The library's switches a configuration's name asks for, while it compiles: ``_unrolled``
     (:data:`lorahot.kernels.unrolled_expand.ENABLED`: gate's and up's expands unrolled, with
-    o's and down's where ``LORAHOT_UNROLLED_LONE=1``), ``_accumulate``
+    o's and down's where ``LORAHOT_UNROLLED_LONE=1``; on by default), ``_gemm`` (that switch
+    off: every expand a GEMM), ``_accumulate``
     (:data:`lorahot.kernels.wide_groups.ACCUMULATE`), ``_reuse`` (:func:`always_reuse`); the
     others as the library sets them."""
     saved = unrolled_expand.ENABLED, wide_groups.ACCUMULATE
-    unrolled_expand.ENABLED = unrolled_expand.ENABLED or "_unrolled" in name
+    unrolled_expand.ENABLED = "_gemm" not in name and (unrolled_expand.ENABLED or "_unrolled" in name)
     wide_groups.ACCUMULATE = wide_groups.ACCUMULATE or "_accumulate" in name
     try:
         with always_reuse() if "_reuse" in name else contextlib.nullcontext():
