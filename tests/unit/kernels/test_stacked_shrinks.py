@@ -190,8 +190,9 @@ def test_install_is_idempotent_runs_a_pass_installed_before_it_and_uninstalls(
             return "before"
 
     before = Before()
-    for switch, value in (("ENABLED", False), ("SUMS", False), ("MEMBERS", True), ("LONE", False)):
+    for switch, value in (("ENABLED", True), ("SUMS", False), ("MEMBERS", True), ("LONE", False)):
         monkeypatch.setattr(unrolled_expand, switch, value)  # their defaults, whatever the environment set
+    monkeypatch.setattr(wide_groups, "ACCUMULATE", False)
     inductor_config.post_grad_custom_pre_pass = before
     stacked_shrinks.install()
     installed = inductor_config.post_grad_custom_pre_pass
@@ -199,38 +200,39 @@ def test_install_is_idempotent_runs_a_pass_installed_before_it_and_uninstalls(
     assert inductor_config.post_grad_custom_pre_pass is installed
     assert isinstance(installed, stacked_shrinks.StackShrinks) and installed.before is before
     # the input rewrite (on by default), the routed shrinks' stacking (off by default), the wide
-    # groups (on by default), their row limit, their one-buffer switch (on) and the joined
-    # expands at symbolic rows (off), the unrolled expands (off, their row and rank limits, the one
-    # buffer's sums off, group members unrolled, lone layers not), the
-    # live wide layers' geometries, the pass before
+    # groups (on by default), their row limit, their one-buffer switch (on), the joined expands
+    # at symbolic rows (off) and the accumulated expands (off), the unrolled expands (on, their
+    # row and rank limits, the one buffer's sums off, group members unrolled, lone layers not),
+    # the live wide layers' geometries, the pass before
     geometries = repr(extern_inputs.signatures())
 
     def uuid(*on: object) -> tuple[object, ...]:
         return (*on, geometries, "before")
 
-    unrolled = (False, 128, 64, False, True, False)
-    assert installed.uuid()[1:] == uuid(True, False, True, 512, True, False, *unrolled)
+    unrolled = (True, 16, 64, False, True, False)
+    assert installed.uuid()[1:] == uuid(True, False, True, 512, True, False, False, *unrolled)
     monkeypatch.setattr(extern_inputs, "ENABLED", False)
     # a graph compiled without it is another graph
-    assert installed.uuid()[1:] == uuid(False, False, True, 512, True, False, *unrolled)
-    monkeypatch.setattr(unrolled_expand, "ENABLED", True)  # and so is one compiled with the unrolled expands
-    assert installed.uuid()[1:] == uuid(False, False, True, 512, True, False, True, 128, 64, False, True, False)
+    assert installed.uuid()[1:] == uuid(False, False, True, 512, True, False, False, *unrolled)
+    monkeypatch.setattr(unrolled_expand, "ENABLED", False)  # and so is one compiled without the unrolled expands
+    assert installed.uuid()[1:] == uuid(False, False, True, 512, True, False, False, False, 16, 64, False, True, False)
+    monkeypatch.setattr(unrolled_expand, "ENABLED", True)
     monkeypatch.setattr(unrolled_expand, "MEMBERS", False)  # or with only lone layers' expands unrolled
     monkeypatch.setattr(unrolled_expand, "LONE", True)
-    assert installed.uuid()[1:] == uuid(False, False, True, 512, True, False, True, 128, 64, False, False, True)
-    monkeypatch.setattr(unrolled_expand, "ENABLED", False)
+    assert installed.uuid()[1:] == uuid(False, False, True, 512, True, False, False, True, 16, 64, False, False, True)
     monkeypatch.setattr(unrolled_expand, "MEMBERS", True)
     monkeypatch.setattr(unrolled_expand, "LONE", False)
     monkeypatch.setattr(stacked_routed, "ENABLED", True)
-    assert installed.uuid()[1:] == uuid(False, True, True, 512, True, False, *unrolled)
+    assert installed.uuid()[1:] == uuid(False, True, True, 512, True, False, False, *unrolled)
     monkeypatch.setattr(wide_groups, "ENABLED", False)
     monkeypatch.setattr(wide_groups, "ROWS", 64)
     monkeypatch.setattr(wide_groups, "ONE_BUFFER", False)
     monkeypatch.setattr(wide_groups, "JOIN_SYMBOLIC", True)
-    assert installed.uuid()[1:] == uuid(False, True, False, 64, False, True, *unrolled)
+    monkeypatch.setattr(wide_groups, "ACCUMULATE", True)
+    assert installed.uuid()[1:] == uuid(False, True, False, 64, False, True, True, *unrolled)
     # an earlier pass without an id turns inductor's cache off, as it would on its own
     assert stacked_shrinks.StackShrinks(lambda graph: None).uuid() is None
-    assert stacked_shrinks.StackShrinks([before, before]).uuid()[14:] == ("before", "before")
+    assert stacked_shrinks.StackShrinks([before, before]).uuid()[15:] == ("before", "before")
     graph = torch.fx.Graph()
     graph.output(graph.placeholder("x"))
     installed(graph)
