@@ -1284,7 +1284,9 @@ class LoRALayer(nn.Module):
         self, x: torch.Tensor, fused: bool, key: int, geometry: tuple[Any, ...] | None, shift_at: Any = None
     ) -> torch.Tensor | None:
         """Under ``torch.compile``, for a wide layer without extras: its fused or wide path in one
-        call, or None where another path applies (the general forward then decides)."""
+        call, or None where another path applies (the general forward then decides). The forward
+        itself calls the registered module function (:data:`_COMPILED_PATHS`), which a linear
+        layer's method wraps; this layer kind has none."""
         return None
 
     def compiled_routed(
@@ -1299,7 +1301,9 @@ class LoRALayer(nn.Module):
         """Under ``torch.compile``, for a routed layer without extras: its routed kernel path in
         one call, or None where another path applies (the general routed forward then decides,
         or refuses). Every method the general path calls on the layer is one more guard per layer
-        that a compiled call checks (:meth:`compiled_forward` does the same for one adapter)."""
+        that a compiled call checks (:meth:`compiled_forward` does the same for one adapter); the
+        forward calls the registered module function (:data:`_COMPILED_PATHS`) for a fused layer,
+        which a linear layer's method wraps."""
         return None
 
     def dynamic_rows(self, x: torch.Tensor) -> bool:
