@@ -15,7 +15,7 @@ nodes fewer.
 
 The pass finds ``lorahot::routed_lora_linear`` calls in inductor's post-grad graph whose ``a``
 and ``s`` are views of the same arena tensors at consecutive offsets (``as_strided(arena,
-[slots, R, in], [step, in, 1], offset)``, as :meth:`lorahot.layers.linear.LoRALinear.compiled_routed`
+[slots, R, in], [step, in, 1], offset)``, as :func:`lorahot.layers.linear.compiled_routed`
 makes them), over the same input, routing and segments, with a row count the fused path
 takes (static, at most 128 rows: the segmented pair above computes its own shrink). For each
 run of two or more it inserts one :func:`lorahot.kernels.routed_linear.routed_shrink` over the

@@ -96,7 +96,7 @@ def wide_linear(
     the buffer's. Differentiable: compiled with ``a``, the operator ``lorahot::wide_traced``
     (:func:`wide_traced`, which autograd and the compiler see as its formula); else plain torch."""
     if torch.compiler.is_compiling() and a is not None:
-        # the operator, as compiled_forward calls it: a layer with extras (DoRA, LoRA bias)
+        # the operator, as compiled_wide calls it: a layer with extras (DoRA, LoRA bias)
         # compiles to the same tagged nodes, which the compiler passes match
         # (lorahot.kernels.extern_inputs reads the tag); traced handles an A of another dtype
         return wide_traced(x, wide, bias, a, shifted)

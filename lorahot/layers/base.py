@@ -695,7 +695,7 @@ class LoRALayer(nn.Module):
         allocation (another dtype or device: ``model.double()``), the layer leaves the group
         (:attr:`_wide_at` None, so its plan changes and a compiled graph retraces), and the
         compiled forward reads the layer's own buffer. A compiled call then re-checks only the
-        plan, not the buffer, on every call (:meth:`~lorahot.layers.linear.LoRALinear._wide_input`)."""
+        plan, not the buffer, on every call (:func:`lorahot.layers.linear.wide_input`)."""
         at = self.__dict__.get("_wide_at")
         if at is None:
             return
@@ -1279,32 +1279,6 @@ class LoRALayer(nn.Module):
         """The whole layer from the wide buffer, where the subclass has one (``a`` the live A
         view, which the compiled shrink reads)."""
         raise NotImplementedError
-
-    def compiled_forward(
-        self, x: torch.Tensor, fused: bool, key: int, geometry: tuple[Any, ...] | None, shift_at: Any = None
-    ) -> torch.Tensor | None:
-        """Under ``torch.compile``, for a wide layer without extras: its fused or wide path in one
-        call, or None where another path applies (the general forward then decides). The forward
-        itself calls the registered module function (:data:`_COMPILED_PATHS`), which a linear
-        layer's method wraps; this layer kind has none."""
-        return None
-
-    def compiled_routed(
-        self,
-        x: torch.Tensor,
-        route: torch.Tensor,
-        fused: bool,
-        wide: bool,
-        key: int,
-        slot_geometry: tuple[Any, ...] | None,
-    ) -> torch.Tensor | None:
-        """Under ``torch.compile``, for a routed layer without extras: its routed kernel path in
-        one call, or None where another path applies (the general routed forward then decides,
-        or refuses). Every method the general path calls on the layer is one more guard per layer
-        that a compiled call checks (:meth:`compiled_forward` does the same for one adapter); the
-        forward calls the registered module function (:data:`_COMPILED_PATHS`) for a fused layer,
-        which a linear layer's method wraps."""
-        return None
 
     def dynamic_rows(self, x: torch.Tensor) -> bool:
         """Whether :meth:`dynamic_forward` applies to ``x`` (only asked of a layer both fused and

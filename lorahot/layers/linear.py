@@ -425,24 +425,6 @@ class LoRALinear(LoRALayer):
         y: torch.Tensor = wide_kernel.wide_linear(x, wide, self._base.bias, a)  # type: ignore[arg-type]
         return y
 
-    def compiled_forward(
-        self, x: torch.Tensor, fused: bool, key: int, geometry: tuple[Any, ...] | None, shift_at: Any = None
-    ) -> torch.Tensor | None:
-        """:func:`compiled_wide` on this layer (the forward calls the function itself)."""
-        return compiled_wide(self, x, fused, key, geometry, shift_at)
-
-    def compiled_routed(
-        self,
-        x: torch.Tensor,
-        route: torch.Tensor,
-        fused: bool,
-        wide: bool,
-        key: int,
-        slot_geometry: tuple[Any, ...] | None,
-    ) -> torch.Tensor | None:
-        """:func:`compiled_routed` on this layer (the forward calls the function itself)."""
-        return compiled_routed(self, x, route, fused, wide, key, slot_geometry)
-
     def dynamic_rows(self, x: torch.Tensor) -> bool:
         """Compiled with a symbolic row count (dynamic shapes) that the fused kernel's row limits
         cannot be decided on without a guard, where the wide path applies: the layer then runs
@@ -453,10 +435,6 @@ class LoRALinear(LoRALayer):
     def dynamic_forward(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         """:func:`dynamic_wide` on this layer."""
         return dynamic_wide(self, x, a, b, scale)
-
-    def _wide_input(self) -> torch.Tensor:
-        """:func:`wide_input` on this layer."""
-        return wide_input(self)
 
     def merge_refusal(self) -> str | None:
         """Merged mode folds the LoRA into the weight, which is right only where the base computes
@@ -696,7 +674,7 @@ def compiled_routed(
     key: int,
     slot_geometry: tuple[Any, ...] | None,
 ) -> torch.Tensor | None:
-    """The routed fused linear (:meth:`routed_fused`'s operator) in one method, the misfit check
+    """The routed fused linear (:meth:`LoRALinear.routed_fused`'s operator) in one function, the misfit check
     of :meth:`_routed_forward` and the slot views inlined: each method the general routed
     path calls on the layer adds guards a compiled call re-checks for every layer (about 20 per
     layer; on an H200 host the routed decode's guards took 0.28 ms more per call than the

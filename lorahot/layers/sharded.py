@@ -292,11 +292,6 @@ class ShardedLoRALinear(LoRALinear):
         )
         return out
 
-    def compiled_routed(self, *_: Any) -> torch.Tensor | None:
-        """Never the unsharded one-call path: this layer's own :meth:`forward` routes its shards
-        (it does not call the base class's forward, which would ask for it)."""
-        return None
-
     def _fused_local(
         self, x_local: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: torch.Tensor, route: torch.Tensor | None
     ) -> torch.Tensor | None:

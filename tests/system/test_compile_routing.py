@@ -119,7 +119,7 @@ def _fused_on_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_the_fused_routed_path_compiles_once_for_every_routing_with_static_shapes(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """The routed linears' one-call compiled path (``LoRALinear.compiled_routed``), the
+    """The routed linears' one-call compiled path (``lorahot.layers.linear.compiled_routed``), the
     operator's CPU formula standing in for the kernels: each routing's output equals the per-row
     reference, on one graph; an input that does not fit the routing is still refused (the
     general path's refusal). Compiled with ``aot_eager``: the graph count and the refusal are
@@ -312,8 +312,8 @@ def test_a_compiled_routed_linear_is_guarded_on_little_more_than_its_base_linear
     """A compiled call re-checks every guard, for every layer, on every call: on an H200 host
     the routed decode's guards cost 0.28 ms per call more than the base model's (154 layers,
     ``benchmarks/experiments/mixed_profile_probe.py``). A routed linear on the fused path is
-    traced in one method (``LoRALinear.compiled_routed``): its guards are the module's own
-    (type, hooks, two methods), its plan's and slot geometry's, and its base linear's. The
+    traced in one function (``lorahot.layers.linear.compiled_routed``): its guards are the module's own
+    (type, hooks, its forward), its plan's and slot geometry's, and its base linear's. The
     general routed path (the library formula, which CPU layers take) is the control: every
     method it calls on the layer is one more guard."""
     fused, general = _q_proj_guards(True, monkeypatch), _q_proj_guards(False, monkeypatch)

@@ -491,6 +491,30 @@ def _gemms(code: list[str]) -> dict[str, int]:
     return {op: src.count(f"extern_kernels.{op}(") for op in ("mm", "addmm", "bmm")}
 
 
+def _compiled_through_swaps(dynamic: bool, shapes: list[tuple[int, ...]]) -> list[str]:
+    """The inductor code of :class:`_Block` (float64, lorahot on every projection) compiled in
+    default mode at ``shapes[0]``, after checking that its outputs equal the eager model's at
+    every shape through two swaps, with no recompile."""
+    from torch._inductor.utils import run_and_get_code
+
+    torch.manual_seed(0)
+    model = _Block().double()
+    runtime = lorahot.inject(model, BLOCK, max_rank=R, extras=False)
+    adapters = [make_adapter(model, dict.fromkeys(BLOCK, r), seed=s)[0] for r, s in ((4, 0), (8, 1), (2, 2))]
+    runtime.load(adapters[0])
+    compiled = torch.compile(model, dynamic=dynamic, fullgraph=True)
+    xs = [torch.randn(*shape, dtype=torch.float64) for shape in shapes]
+    with torch.no_grad():
+        got, code = run_and_get_code(compiled, xs[0])
+        torch.testing.assert_close(got, _eager(model, xs[0]), rtol=1e-9, atol=1e-9)
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            for adapter in adapters[1:]:
+                runtime.load(adapter)
+                for x in xs:
+                    torch.testing.assert_close(compiled(x), _eager(model, x), rtol=1e-9, atol=1e-9)
+    return code
+
+
 @pytest.mark.parametrize(
     ("dynamic", "on", "unroll"),
     [
@@ -544,7 +568,6 @@ def test_in_default_mode_a_group_is_one_gemm_and_one_batched_expand(
     expands are back (4 GEMMs and 2 batched); with only the groups' members (the default of
     :data:`~lorahot.kernels.unrolled_expand.LONE`), o's and down's expand GEMMs are (6 GEMMs).
     A symbolic row count is not unrolled."""
-    from torch._inductor.utils import run_and_get_code
 
     monkeypatch.setattr(unrolled_expand, "ENABLED", bool(unroll))
     monkeypatch.setattr(unrolled_expand, "MEMBERS", unroll in ("all", "members"))
@@ -554,22 +577,9 @@ def test_in_default_mode_a_group_is_one_gemm_and_one_batched_expand(
     monkeypatch.setattr(wide_groups, "ACCUMULATE", False)
     if dynamic:  # a symbolic row count is not compared with ROWS: rows on either side of it
         monkeypatch.setattr(wide_groups, "ROWS", 8)
-    torch.manual_seed(0)
-    model = _Block().double()
-    runtime = lorahot.inject(model, BLOCK, max_rank=R, extras=False)
-    adapters = [make_adapter(model, dict.fromkeys(BLOCK, r), seed=s)[0] for r, s in ((4, 0), (8, 1), (2, 2))]
-    runtime.load(adapters[0])
-    compiled = torch.compile(model, dynamic=dynamic, fullgraph=True)
-    shapes = [(2, 5, D), (3, 7, D), (3, 3, D), (4, 9, D), (2, 3, D)] if dynamic else [(2, 5, D)]
-    xs = [torch.randn(*shape, dtype=torch.float64) for shape in shapes]
-    with torch.no_grad():
-        got, code = run_and_get_code(compiled, xs[0])
-        torch.testing.assert_close(got, _eager(model, xs[0]), rtol=1e-9, atol=1e-9)
-        with torch._dynamo.config.patch(error_on_recompile=True):
-            for adapter in adapters[1:]:
-                runtime.load(adapter)
-                for x in xs:
-                    torch.testing.assert_close(compiled(x), _eager(model, x), rtol=1e-9, atol=1e-9)
+    code = _compiled_through_swaps(
+        dynamic, [(2, 5, D), (3, 7, D), (3, 3, D), (4, 9, D), (2, 3, D)] if dynamic else [(2, 5, D)]
+    )
     # the negative control: the base model's seven GEMMs; o and down take a shrink and a wide
     # GEMM (with the bias: addmm), and gate and up have no bias (mm). Joined: no addition is
     # folded into a GEMM (q is read at two places, so the q/k/v group's sums are written into
@@ -596,29 +606,13 @@ def test_in_default_mode_accumulated_expands_write_each_output_in_their_batched_
     (q has its own either way). The outputs equal the eager model's through two swaps with no
     recompile. Negative control, the switch off: no ``baddbmm``, the batched expands
     (``bmm``) of the default form."""
-    from torch._inductor.utils import run_and_get_code
 
     monkeypatch.setattr(unrolled_expand, "ENABLED", False)
     monkeypatch.setattr(wide_groups, "ACCUMULATE", on)
     monkeypatch.setattr(wide_groups, "JOIN_SYMBOLIC", False)
     if dynamic:
         monkeypatch.setattr(wide_groups, "ROWS", 8)
-    torch.manual_seed(0)
-    model = _Block().double()
-    runtime = lorahot.inject(model, BLOCK, max_rank=R, extras=False)
-    adapters = [make_adapter(model, dict.fromkeys(BLOCK, r), seed=s)[0] for r, s in ((4, 0), (8, 1), (2, 2))]
-    runtime.load(adapters[0])
-    compiled = torch.compile(model, dynamic=dynamic, fullgraph=True)
-    shapes = [(2, 5, D), (3, 7, D), (4, 9, D)] if dynamic else [(2, 5, D)]
-    xs = [torch.randn(*shape, dtype=torch.float64) for shape in shapes]
-    with torch.no_grad():
-        got, code = run_and_get_code(compiled, xs[0])
-        torch.testing.assert_close(got, _eager(model, xs[0]), rtol=1e-9, atol=1e-9)
-        with torch._dynamo.config.patch(error_on_recompile=True):
-            for adapter in adapters[1:]:
-                runtime.load(adapter)
-                for x in xs:
-                    torch.testing.assert_close(compiled(x), _eager(model, x), rtol=1e-9, atol=1e-9)
+    code = _compiled_through_swaps(dynamic, [(2, 5, D), (3, 7, D), (4, 9, D)] if dynamic else [(2, 5, D)])
     src = "\n".join(code)
     baddbmm = src.count("extern_kernels.baddbmm(")
     if on:
