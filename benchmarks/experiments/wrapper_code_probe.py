@@ -6,11 +6,13 @@ one line per kernel launch, extern GEMM, allocation and view. Under cProfile on 
 wrapper made 206 allocations per call against the base model's 55, and 44 batched GEMMs the base
 model has not, while the guards of the two differed by less than 0.1 ms. This probe compiles the
 forward suite's model cut to ``PROBE_BLOCKS`` blocks (default 1) at the full width, the base model
-and lorahot (``PROBE_FORMS``, default ``base,lorahot``; a form ending in ``_reuse`` compiled with
-every buffer reuse taken, ``default_mode_probe.always_reuse``) in default mode after a prefill call, as
+and lorahot (``PROBE_FORMS``, default ``base,lorahot``; the suffixes ``_reuse``, ``_gemm``, ``_sums`` and
+the others of ``default_mode_probe.switches`` as there) in default mode after a prefill call, as
 the suite compiles, and for the decode call's graph prints the wrapper's counts (allocations,
 extern GEMMs by kind, Triton launches, views) and its ``call`` function, which it also writes to
-``$OUT/wrapper-FORM.py`` with the kernels' source.
+``$OUT/wrapper-FORM.py`` with the kernels' source. With ``PROBE_REFUSALS=1`` it also lists each buffer
+reuse inductor's planning refused in that graph (the bytes, the estimated peak between the
+buffer's free and the allocation, the graph's estimated peak).
 
     PYTHONPATH=. [PROBE_BLOCKS=1] python3 -m benchmarks.experiments.wrapper_code_probe
 """
@@ -20,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -27,7 +30,7 @@ from torch._inductor.utils import run_and_get_code
 
 import lorahot
 from benchmarks import workload
-from benchmarks.experiments.default_mode_probe import always_reuse
+from benchmarks.experiments.default_mode_probe import switches
 from benchmarks.workload import MAX_RANK, TARGETS, adapter_file
 from lorahot.layers import linear as linear_layer
 from lorahot.runtime import wide
@@ -51,6 +54,7 @@ def _config(small: bool) -> object:
 
 
 _full = workload.llama_config
+REFUSALS = os.environ.get("PROBE_REFUSALS") == "1"
 
 
 def _call_body(code: str) -> str:
@@ -60,6 +64,35 @@ def _call_body(code: str) -> str:
         return ""
     end = re.search(r"\n\S", code[start + 1 :])
     return code[start : start + 1 + end.start()] if end else code[start:]
+
+
+@contextlib.contextmanager
+def refusals(log: list[str]) -> Iterator[None]:
+    """Record each buffer reuse inductor's planning refuses (``AllocateLine.should_reuse_buffer``
+    answering no): the buffer, its bytes, the estimated peak between the free and the allocation,
+    and the graph's estimated peak. The FX graph cache is off, so the wrapper is planned anew."""
+    from torch._inductor import config
+    from torch._inductor.codegen import wrapper
+
+    saved = wrapper.AllocateLine.should_reuse_buffer
+
+    def logged(self: wrapper.AllocateLine, free_line: wrapper.FreeIfNotReusedLine, size: int) -> bool:
+        taken = saved(self, free_line, size)
+        if not taken:
+            peak = self.wrapper.estimate_peak
+            log.append(
+                f"refused {self.node.get_name()} <- {free_line.node.get_name()}: {size} B, nodes "
+                f"{free_line.scheduler_node_index}..{self.scheduler_node_index}, peak between "
+                f"{peak.peak_between(free_line, self)} B, graph peak {peak.overall_peak_memory} B"
+            )
+        return taken
+
+    wrapper.AllocateLine.should_reuse_buffer = logged  # type: ignore[method-assign]
+    try:
+        with config.patch(fx_graph_cache=False):
+            yield
+    finally:
+        wrapper.AllocateLine.should_reuse_buffer = saved  # type: ignore[method-assign]
 
 
 def main() -> None:
@@ -81,14 +114,23 @@ def main() -> None:
             keep.append(runtime)
         keep.append(model)
         compiled = torch.compile(model, fullgraph=True)
-        with torch.inference_mode(), always_reuse() if form.endswith("_reuse") else contextlib.nullcontext():
+        log: list[str] = []
+        planning = refusals(log) if REFUSALS and "_reuse" not in form else contextlib.nullcontext()
+        with torch.inference_mode(), switches(form), planning:
             compiled(input_ids=w.prefill)
+            if log:
+                print(f"=== {form}: prefill graph, {len(log)} reuses refused", flush=True)
+                print("\n".join(log), flush=True)
+            log.clear()
             _, codes = run_and_get_code(lambda: compiled(input_ids=w.decode))
         code = "\n\n# ---- next module\n\n".join(codes)
         (out / f"wrapper-{form}.py").write_text(code)
         body = _call_body(codes[-1] if codes else "")
         counts = ", ".join(f"{k} {len(re.findall(p, body, re.M))}" for k, p in COUNTED.items())
         print(f"=== {form}: decode wrapper, {w.config.num_hidden_layers} block(s): {counts}", flush=True)  # type: ignore[attr-defined]
+        if log:
+            print(f"=== {form}: decode graph, {len(log)} reuses refused", flush=True)
+            print("\n".join(log), flush=True)
         print(body, flush=True)
 
 
