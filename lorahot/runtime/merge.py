@@ -47,7 +47,7 @@ import contextlib
 import functools
 import math
 import weakref
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
 import torch
@@ -496,6 +496,14 @@ _PRISTINE = "pristine"
 _Written = tuple[list[object], tuple[object, ...], list[list[tuple[WeightModule, float]] | None]]
 
 
+def _leaves_gemm_range(bound: float, dtype: torch.dtype) -> bool:
+    """Whether an unscaled ``B @ A`` whose entries ``bound`` bounds may leave the range of the
+    dtype a one-GEMM rewrite of a ``dtype`` weight accumulates in (at least float32), with a
+    margin for the factors' rounding; NaN counts as leaving."""
+    top = torch.finfo(torch.promote_types(dtype, torch.float32)).max
+    return not bound * (1.0 + 1e-3) < top
+
+
 class _Rewrite(NamedTuple):
     """What :meth:`Merger.apply` writes into one layer (see :meth:`Merger._plan`)."""
 
@@ -504,6 +512,10 @@ class _Rewrite(NamedTuple):
     rows: int
     extras: torch.Tensor | None
     terms: list[tuple[WeightModule, float]] | None  # the layer's weight-kind modules and their scales
+    #: the unscaled ``B @ A`` may leave the range of the dtype a one-GEMM rewrite computes it in
+    #: (``W0 + s * B @ A`` with ``s`` as the GEMM's alpha: BLAS may form the product first): the
+    #: layer is computed in float64 with ``s`` folded into ``A`` (:meth:`Merger._wide`)
+    exact: bool = False
 
 
 class Merger:
@@ -800,6 +812,7 @@ class Merger:
         scales: list[torch.Tensor] | None,
         uniform: bool = True,
         terms: dict[str, list[tuple[WeightModule, float]]] | None = None,
+        bounds: Mapping[str, float] | None = None,
     ) -> None:
         """Sets every weight to ``W0 + B diag(s) A`` from the live region, plus ``s * ΔW`` of
         each weight-kind module in ``terms`` on its layer, then notes every weight as written
@@ -816,8 +829,14 @@ class Merger:
             terms: injected layer name -> each LyCORIS/diff module folded into it and its scale
                 (the module's own times its part's weight, :meth:`Stack.weight_terms`). Such a
                 layer is computed whole in at least float32 (:meth:`_fold`) and rounded once.
+            bounds: injected layer name -> a bound on every entry of the one adapter's
+                unscaled ``B @ A`` (its load plan's ``delta_bound``). A layer whose bound leaves
+                the range of the one GEMM's dtype is computed in float64 instead, the scale
+                folded into ``A`` first: with ``s`` as the GEMM's alpha, a BLAS that forms the
+                product before scaling it would write inf or NaN (A and B of 1e22 at a scale of
+                1e-30). None: no layer's is known to (a stack folds its scales into ``A``).
         """
-        plan = self._plan(scales, uniform, terms or {})
+        plan = self._plan(scales, uniform, terms or {}, bounds or {})
         checked, self._checked = self._checked, None
         now = signature(list(self._layers.values())) if checked is None else checked[0]
         written = (self._inputs(plan, scales, uniform), self._held(now), [r.terms for r in plan])
@@ -846,7 +865,7 @@ class Merger:
         rows_of = None if scales is None else [s.numpy() for s in scales]
         found: list[object] = []
         for (_, _, _, arena_idx, index), rewrite in zip(self._items, plan, strict=True):
-            _, nonzero, rows, extras, terms = rewrite
+            _, nonzero, rows, extras, terms, _ = rewrite
             if (not nonzero or rows == 0) and extras is None and terms is None:
                 found.append(_PRISTINE)
                 continue
@@ -893,23 +912,29 @@ class Merger:
         return kept
 
     def _plan(
-        self, scales: list[torch.Tensor] | None, uniform: bool, terms: dict[str, list[tuple[WeightModule, float]]]
+        self,
+        scales: list[torch.Tensor] | None,
+        uniform: bool,
+        terms: dict[str, list[tuple[WeightModule, float]]],
+        bounds: Mapping[str, float],
     ) -> list[_Rewrite]:
         """Per layer, what :meth:`apply` writes: its scale (row 0's), whether any row's scale is
-        nonzero, the live rows, its extras where they apply (DoRA, a LoRA bias) and its
-        weight-kind modules (None where it has none)."""
+        nonzero, the live rows, its extras where they apply (DoRA, a LoRA bias), its
+        weight-kind modules (None where it has none) and whether its unscaled product may leave
+        the one GEMM's range (``bounds``, see :meth:`apply`)."""
         live = self._buffers.live
         firsts = None if scales is None else [s[:, 0].tolist() for s in scales]  # row 0's scale: the LoRA bias's
         used = None if scales is None else [s.abs().amax(1).tolist() for s in scales] if not uniform else firsts
         plan = []
-        for name, (_, _, _, arena_idx, index) in zip(self._layers, self._items, strict=True):
+        for name, (_, _, pristine, arena_idx, index) in zip(self._layers, self._items, strict=True):
             s = 0.0 if firsts is None else float(firsts[arena_idx][index])
             nonzero = used is not None and used[arena_idx][index] != 0.0
             arena = self._buffers.arenas[arena_idx]
             rows = max(arena.a_extent[live], arena.b_extent[live])
             # DoRA's per-channel factor applies at any weight, 0 included (m / |W0| there)
             extras = arena.extras(index, live) if arena.e_dirty[live] and scales is not None else None
-            plan.append(_Rewrite(s, nonzero, rows, extras, terms.get(name)))
+            exact = uniform and _leaves_gemm_range(bounds.get(name, 0.0), pristine.dtype)
+            plan.append(_Rewrite(s, nonzero, rows, extras, terms.get(name), exact))
         return plan
 
     def _replayed(self, plan: list[_Rewrite], weights: Signature | None) -> bool:
@@ -921,7 +946,7 @@ class Merger:
         layer: on an H200's host ~40 ms of host time for the SDXL UNet's 700 layers. Layers
         with weight-kind modules are left to :meth:`_fold`, outside the graph."""
         replays = self._replays
-        if not replays.applies() or any(r.extras is not None and r.terms is None for r in plan):
+        if not replays.applies() or any((r.extras is not None or r.exact) and r.terms is None for r in plan):
             return False
         if all(r.terms is not None for r in plan):  # every layer folds outside: nothing to capture
             return False
@@ -949,14 +974,15 @@ class Merger:
         with writing(self._targets):
             for k, (item, rewrite) in enumerate(zip(self._items, plan, strict=True)):
                 layer, weight, pristine, arena_idx, index = item
-                s, nonzero, rows, extras, terms = rewrite
+                s, nonzero, rows, extras, terms, _ = rewrite
                 if terms is not None or (kept is not None and kept[k]):
                     continue
                 self._fold_bias(layer, extras, s)
                 if (not nonzero or rows == 0) and extras is None:
                     weight.copy_(pristine)
                     continue
-                if uniform and extras is None:  # one adapter: one GEMM in the weights' dtype, rounded once
+                # one adapter: one GEMM in the weights' dtype, rounded once
+                if uniform and extras is None and not rewrite.exact:
                     a, bt = self._buffers.arenas[arena_idx].rows(index, self._buffers.live)
                     m1, m2 = layer.merge_operands(a[:rows], bt[:rows])
                     # [out, in * prod(kernel)] even where out or in is 0; the pristine copy is kept
@@ -977,10 +1003,11 @@ class Merger:
         channel times its DoRA factor where ``rewrite`` has extras, in at least float32, not yet
         rounded. A stack's per-row scales and DoRA's per-channel factor each may leave float16's
         range on their own (a part's weight of 1e5 times its A, a factor m / |W| of 3e5) where the
-        merged weight does not."""
+        merged weight does not. A layer whose unscaled product may leave float32's range
+        (``rewrite.exact``) is computed in float64."""
         layer, _, pristine, arena_idx, index = item
         flat_p = _flat(pristine)
-        wide = torch.promote_types(flat_p.dtype, torch.float32)
+        wide = torch.float64 if rewrite.exact else torch.promote_types(flat_p.dtype, torch.float32)
         merged = flat_p.to(wide)
         if rewrite.nonzero and rewrite.rows:
             arena, live, rows = self._buffers.arenas[arena_idx], self._buffers.live, rewrite.rows

@@ -1979,3 +1979,56 @@ def test_gpu_merged_swaps_of_a_dense_weight_in_any_layout_hold_the_contiguous_bi
     with pytest.raises(lorahot.UsageError, match=r"changed since lorahot last wrote them"):
         runtimes[1].set_scale(0.5)
     assert _same_bits(before, _bits(laid))
+
+
+def _product_first_addmm(
+    inp: torch.Tensor, m1: torch.Tensor, m2: torch.Tensor, *, alpha: float = 1.0, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``torch.addmm`` as a BLAS that forms ``m1 @ m2`` in the output's dtype before scaling it
+    by ``alpha`` computes it (MKL's AVX-512 kernels, cuBLAS's float32 accumulators)."""
+    got = inp + alpha * (m1 @ m2)
+    return got if out is None else out.copy_(got)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("blas", ["product-first", "this-machine"])
+def test_a_merged_layer_whose_unscaled_product_overflows_its_gemm_is_written_exactly(
+    dtype: torch.dtype, blas: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A and B of 1e22 at a scale of 2e-38 (alpha 2e-30 over rank 2, times 2e-8): the merged
+    update is about 4e6, but ``B @ A`` alone (1e44) leaves float32's range. Such a layer is
+    written in float64 with the scale folded into A, so the weight is the float64 reference
+    rounded once, whatever the BLAS does first; its neighbour, in range, keeps the one GEMM
+    (negative control: the product-first BLAS gives inf or NaN through that GEMM)."""
+    from lorahot.runtime import merge
+
+    if blas == "product-first":
+        monkeypatch.setattr(merge.torch, "addmm", _product_first_addmm)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 4), nn.Linear(4, 4)).to(dtype)
+    pristine = [m.weight.detach().double().clone() for m in model]
+    g = torch.Generator().manual_seed(1)
+    huge = {"a": torch.randn(2, 8, generator=g, dtype=torch.float64) * 1e22}
+    huge["b"] = torch.randn(4, 2, generator=g, dtype=torch.float64) * 1e22
+    small = {k: torch.randn(*shape, generator=g, dtype=torch.float64) for k, shape in (("a", (2, 4)), ("b", (4, 2)))}
+    runtime = lorahot.inject(model, ["0", "1"], max_rank=2, merged=True)
+    tensors = {f"{i}.lora_{k.upper()}.weight": t[k].float() for i, t in ((0, huge), (1, small)) for k in ("a", "b")}
+    runtime.load(tensors, config={"r": 2, "lora_alpha": 2e-30}, scale=2e-8)
+    s = 1e-30 * 2e-8
+    for layer, w0, t in zip(model, pristine, (huge, small), strict=True):
+        a, b = t["a"].float().to(dtype).double(), t["b"].float().to(dtype).double()
+        want = (w0 + s * (b @ a)).to(dtype)
+        got = layer.base_layer.weight.detach()
+        assert torch.isfinite(got).all()
+        if t is huge:
+            assert torch.equal(got, want)  # the float64 sum, rounded once
+        else:
+            torch.testing.assert_close(got.double(), want.double(), rtol=0, atol=1e-6)
+
+
+def test_negative_control_the_product_first_blas_breaks_the_one_gemm_rewrite(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the test above guards against: ``W0 + s * B @ A`` through the product-first GEMM
+    with factors of 1e22 is not finite."""
+    w0 = torch.zeros(4, 8)
+    a, b = torch.full((2, 8), 1e22), torch.full((4, 2), 1e22)
+    assert not torch.isfinite(_product_first_addmm(w0, b, a, alpha=2e-38)).any()
