@@ -71,7 +71,11 @@ def _expected(pristine: Blocks, x: torch.Tensor, held: dict | None, scale: float
 
 
 def _close(got: torch.Tensor, want: torch.Tensor) -> None:
-    torch.testing.assert_close(got.double(), want, rtol=1e-3, atol=1e-3)
+    """float32 through ten blocks whose adapters grow the outputs to about 1e6: an entry formed
+    by cancellation carries float32's rounding of the largest ones, so the absolute tolerance
+    scales with them (1e-5 of the largest entry; float32's own rounding, eager or compiled,
+    reads 2e-6 there)."""
+    torch.testing.assert_close(got.double(), want, rtol=1e-3, atol=1e-3 + 1e-5 * float(want.abs().max()))
 
 
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
