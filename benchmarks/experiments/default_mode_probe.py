@@ -100,18 +100,21 @@ def switches(name: str) -> Iterator[None]:
     (:data:`lorahot.kernels.unrolled_expand.ENABLED`: gate's and up's expands unrolled, with
     o's and down's where ``LORAHOT_UNROLLED_LONE=1``; on by default), ``_gemm`` (that switch
     off: every expand a GEMM), ``_sums`` (:data:`lorahot.kernels.unrolled_expand.SUMS`: q/k/v's
-    one buffer written by the unrolled sums), ``_accumulate``
+    one buffer written by the unrolled sums), ``_lonesums``
+    (:data:`lorahot.kernels.unrolled_expand.LONE_SUMS`: o's and down's outputs each written by
+    a kernel of their own), ``_accumulate``
     (:data:`lorahot.kernels.wide_groups.ACCUMULATE`), ``_reuse`` (:func:`always_reuse`); the
     others as the library sets them."""
-    saved = unrolled_expand.ENABLED, unrolled_expand.SUMS, wide_groups.ACCUMULATE
+    saved = unrolled_expand.ENABLED, unrolled_expand.SUMS, unrolled_expand.LONE_SUMS, wide_groups.ACCUMULATE
     unrolled_expand.ENABLED = "_gemm" not in name and (unrolled_expand.ENABLED or "_unrolled" in name)
     unrolled_expand.SUMS = unrolled_expand.SUMS or "_sums" in name
+    unrolled_expand.LONE_SUMS = unrolled_expand.LONE_SUMS or "_lonesums" in name
     wide_groups.ACCUMULATE = wide_groups.ACCUMULATE or "_accumulate" in name
     try:
         with always_reuse() if "_reuse" in name else contextlib.nullcontext():
             yield
     finally:
-        unrolled_expand.ENABLED, unrolled_expand.SUMS, wide_groups.ACCUMULATE = saved
+        unrolled_expand.ENABLED, unrolled_expand.SUMS, unrolled_expand.LONE_SUMS, wide_groups.ACCUMULATE = saved
 
 
 def compiled(name: str, model: torch.nn.Module, ids: dict[str, torch.Tensor]) -> Call:

@@ -126,6 +126,7 @@ class StackShrinks(CustomGraphPass):
             unrolled_expand.SUMS,
             unrolled_expand.MEMBERS,
             unrolled_expand.LONE,
+            unrolled_expand.LONE_SUMS,
         )
         return (get_hash_for_files(files), *on, repr(extern_inputs.signatures()), *earlier)
 

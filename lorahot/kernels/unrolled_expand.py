@@ -31,7 +31,20 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from lorahot.kernels.op_registry import define, refuse_grad
 
-__all__ = ["ENABLED", "LONE", "MEMBERS", "RANK", "ROWS", "SUMS", "fits", "register", "unrolled_expand", "unrolled_sums"]
+__all__ = [
+    "ENABLED",
+    "LONE",
+    "LONE_SUMS",
+    "MEMBERS",
+    "RANK",
+    "ROWS",
+    "SUMS",
+    "fits",
+    "register",
+    "unrolled_expand",
+    "unrolled_output",
+    "unrolled_sums",
+]
 
 #: Whether :func:`fits` takes the unrolled form at all (read when a graph is compiled), for the
 #: layers :data:`MEMBERS`, :data:`LONE` and :data:`SUMS` let through: by default gate's and
@@ -84,6 +97,18 @@ LONE = os.environ.get("LORAHOT_UNROLLED_LONE") == "1"
 #: H100, q/k/v then took four kernels where the batched GEMM and the sums take two).
 SUMS = os.environ.get("LORAHOT_UNROLLED_SUMS") == "1"
 
+#: Whether a layer in no group (o, down) writes its output ``y + h @ B_s.T`` with
+#: :func:`unrolled_output` where :func:`fits`: one elementwise kernel of its own, realized as
+#: one buffer ``[rows, out]`` over a grid across the columns, in place of the expand's GEMM
+#: (no launch fewer). What it changes is memory: a Llama's residual add is recomputed by the
+#: kernels that read it (RMSNorm, the next residual add), so with a GEMM expand the layer's
+#: GEMM output and its expand both stay alive through the MLP, which lifts every block's
+#: estimated peak above the logits' at decode, and inductor then refuses the reuses of buffers
+#: across blocks (``benchmarks/experiments/wrapper_code_probe.py``, ``PROBE_REFUSALS=1``). Off
+#: unless ``LORAHOT_UNROLLED_LONE_SUMS=1`` at import (read only where :data:`ENABLED`, and where
+#: :data:`LONE` is off).
+LONE_SUMS = os.environ.get("LORAHOT_UNROLLED_LONE_SUMS") == "1"
+
 
 def fits(rows: int | torch.SymInt, rank: int) -> bool:
     """Whether an expand of ``rows`` rows and rank ``rank`` is unrolled (see the module)."""
@@ -132,6 +157,27 @@ def unrolled_sums(yh: torch.Tensor, bt: torch.Tensor, starts: list[int], outs: l
     in float32 and rounded once; the shrink columns as they are. Under inductor one elementwise
     node, which it realizes as one kernel (the buffer the members' readers read). No gradient."""
     out: torch.Tensor = torch.ops.lorahot.unrolled_sums(yh, bt, starts, outs)
+    return out
+
+
+def _output_fake(yh: torch.Tensor, bt: torch.Tensor) -> torch.Tensor:
+    return yh.new_empty((yh.shape[0], bt.shape[1]))
+
+
+@define("unrolled_output(Tensor yh, Tensor bt) -> Tensor", _output_fake)
+def _unrolled_output(yh: torch.Tensor, bt: torch.Tensor) -> torch.Tensor:
+    refuse_grad("unrolled_output", yh, bt)
+    wide = torch.promote_types(yh.dtype, torch.float32)
+    n = bt.shape[1]
+    return (yh[:, :n].to(wide) + yh[:, n:].to(wide) @ bt.to(wide)).to(yh.dtype)
+
+
+def unrolled_output(yh: torch.Tensor, bt: torch.Tensor) -> torch.Tensor:
+    """A lone layer's output ``y + h @ bt`` from its GEMM's ``yh [rows, n + R]`` (``[y | h]``)
+    and ``bt [R, n]``, summed in float32 and rounded once, as the base layer's GEMM output is;
+    under inductor one elementwise node, realized as a buffer of its own (see
+    :data:`LONE_SUMS`). No gradient."""
+    out: torch.Tensor = torch.ops.lorahot.unrolled_output(yh, bt)
     return out
 
 
@@ -207,6 +253,25 @@ def register() -> None:
             device=yh.get_device(), dtype=dtype, inner_fn=element, ranges=list(yh.get_size())
         )
         box.realize()  # the one buffer the members' readers read
+        return box
+
+    @register_lowering(torch.ops.lorahot.unrolled_output.default, type_promotion_kind=None)
+    def _lower_output(yh: ir.TensorBox, bt: ir.TensorBox) -> ir.TensorBox:
+        rank, n = (int(d) for d in bt.get_size())
+        rows = yh.get_size()[0]
+        dtype = yh.get_dtype()
+        wide = torch.promote_types(dtype, torch.float32)
+        load_yh, load_bt = yh.make_loader(), bt.make_loader()
+
+        def element(index: list[sympy.Expr]) -> object:
+            i, j = index
+            total = summed(
+                rank, lambda k: load_yh([i, sympy.Integer(n + k)]), lambda k: load_bt([sympy.Integer(k), j]), wide
+            )
+            return ops.to_dtype(ops.add(ops.to_dtype(load_yh([i, j]), wide), total), dtype)
+
+        box: ir.TensorBox = ir.Pointwise.create(device=yh.get_device(), dtype=dtype, inner_fn=element, ranges=[rows, n])
+        box.realize()  # a buffer of its own: the layer's GEMM output is freed once it is written
         return box
 
     _REGISTERED = True

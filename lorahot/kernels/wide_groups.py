@@ -352,6 +352,8 @@ def expands(x: torch.Tensor, wide: torch.Tensor, outs: list[int], *, one_buffer:
             placed = [_placed(d, start, gap, total) for d, start, gap in _expands(yh, bt, outs, at, r, rows)]
             joined = torch.as_strided(yh + sum(placed[1:], placed[0]), (rows, total), (total, 1))
         return [joined[:, i : i + o].view(*lead, o) for i, o in zip(at, outs, strict=True)]
+    if few and len(outs) == 1 and unrolled.LONE_SUMS and not unrolled.LONE:
+        return [unrolled.unrolled_output(yh, bt[:, : outs[0]]).view(*lead, outs[0])]
     unroll = few and (unrolled.MEMBERS if len(outs) > 1 else unrolled.LONE)
     parts = _unrolled(yh, bt, outs, at, r) if unroll else _expands(yh, bt, outs, at, r, rows)
     ds = [d[c] for d, _, _ in parts for c in range(d.shape[0])]

@@ -521,6 +521,7 @@ def _compiled_through_swaps(dynamic: bool, shapes: list[tuple[int, ...]]) -> lis
         (False, True, "all"),
         (False, True, "members"),
         (False, True, "lone"),
+        (False, True, "lone-sums"),
         (False, True, ""),
         (False, False, "all"),
         (True, True, "all"),
@@ -530,6 +531,7 @@ def _compiled_through_swaps(dynamic: bool, shapes: list[tuple[int, ...]]) -> lis
         "static-joined",
         "static-joined-members-unrolled",
         "static-joined-lone-layers-unrolled",
+        "static-joined-lone-layers-summed",
         "static-joined-gemm-expands",
         "static-negative-control",
         "symbolic-rows-joined",
@@ -566,12 +568,15 @@ def test_in_default_mode_a_group_is_one_gemm_and_one_batched_expand(
     and 2 batched); with only lone layers unrolled
     (:data:`~lorahot.kernels.unrolled_expand.MEMBERS` off), q/k/v's and gate/up's batched
     expands are back (4 GEMMs and 2 batched); with only the groups' members (the default of
-    :data:`~lorahot.kernels.unrolled_expand.LONE`), o's and down's expand GEMMs are (6 GEMMs).
+    :data:`~lorahot.kernels.unrolled_expand.LONE`), o's and down's expand GEMMs are (6 GEMMs);
+    with those layers' outputs summed by kernels of their own instead
+    (:data:`~lorahot.kernels.unrolled_expand.LONE_SUMS`), 4 GEMMs again, the members unrolled.
     A symbolic row count is not unrolled."""
 
     monkeypatch.setattr(unrolled_expand, "ENABLED", bool(unroll))
-    monkeypatch.setattr(unrolled_expand, "MEMBERS", unroll in ("all", "members"))
+    monkeypatch.setattr(unrolled_expand, "MEMBERS", unroll in ("all", "members", "lone-sums"))
     monkeypatch.setattr(unrolled_expand, "LONE", unroll in ("all", "lone"))
+    monkeypatch.setattr(unrolled_expand, "LONE_SUMS", unroll == "lone-sums")
     monkeypatch.setattr(wide_groups, "ENABLED", on)
     monkeypatch.setattr(wide_groups, "JOIN_SYMBOLIC", False)
     monkeypatch.setattr(wide_groups, "ACCUMULATE", False)
@@ -587,9 +592,11 @@ def test_in_default_mode_a_group_is_one_gemm_and_one_batched_expand(
     # symbolic row count q's expand is an mm of its own
     want = {"mm": 6 + dynamic, "addmm": 0, "bmm": 2} if on else {"mm": 6, "addmm": 5, "bmm": 0}
     if on and unroll and not dynamic:  # one GEMM per group and per lone layer, each expand in its reader
-        want = {"all": {"mm": 4, "addmm": 0, "bmm": 0}, "members": {"mm": 6, "addmm": 0, "bmm": 0}}.get(
-            unroll, {"mm": 4, "addmm": 0, "bmm": 2}
-        )
+        want = {
+            "all": {"mm": 4, "addmm": 0, "bmm": 0},
+            "members": {"mm": 6, "addmm": 0, "bmm": 0},
+            "lone-sums": {"mm": 4, "addmm": 0, "bmm": 0},
+        }.get(unroll, {"mm": 4, "addmm": 0, "bmm": 2})
     assert _gemms(code) == want
     assert as_on_cuda[0] == (7 if on else 0)  # the first graph's operators (o's and down's too), all replaced
 
