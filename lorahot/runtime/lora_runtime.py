@@ -1642,7 +1642,7 @@ class LoraRuntime:
                     if stack is None
                     else (stack.scales(weights), stack.weight_terms(weights, self.buffers.where))
                 )
-                bounds = stack.parts[0].delta_bound if stack is not None and stack.single else None
+                bounds = stack.parts[0].factor_bound if stack is not None and stack.single else None
                 self._merger.apply(scales, stack is None or stack.single, terms, bounds)
             except BaseException:  # the weights hold lorahot's own (partial) rewrite, checked before it: not an edit
                 with contextlib.suppress(Exception):

@@ -777,11 +777,13 @@ class Merger:
     ) -> list[torch.Tensor]:
         """``[W0 + sum s * dW]`` (the base weight flattened to 2-D), and ``b0 + sum s * diff_b``
         where a ``diff_b`` is among them (``b0 + sum s * c`` where a LoRA bias ``c`` is), computed
-        in at least float32 on the weights' device from A and B rounded to ``rounded`` (the
-        buffers' dtype, as :meth:`apply` reads them)."""
+        in float64 on the weights' device from A and B rounded to ``rounded`` (the buffers'
+        dtype, as :meth:`apply` reads them): only a layer whose bound reaches its dtype's limit
+        comes here, and there an unscaled ``B @ A`` may leave float32's range where the merged
+        weight does not (terms of 1e40 that cancel, at a scale of 0.5)."""
         pristine = layer.pristine_weight
         assert pristine is not None  # set in __init__
-        dtype = torch.promote_types(pristine.dtype, torch.float32)
+        dtype = torch.float64
         device = pristine.device
         with torch.no_grad():
             weight = _flat(pristine).to(dtype)
@@ -829,8 +831,8 @@ class Merger:
             terms: injected layer name -> each LyCORIS/diff module folded into it and its scale
                 (the module's own times its part's weight, :meth:`Stack.weight_terms`). Such a
                 layer is computed whole in at least float32 (:meth:`_fold`) and rounded once.
-            bounds: injected layer name -> a bound on every entry of the one adapter's
-                unscaled ``B @ A`` (its load plan's ``delta_bound``). A layer whose bound leaves
+            bounds: injected layer name -> a bound on every partial sum of the one adapter's
+                unscaled ``B @ A`` (its load plan's ``factor_bound``). A layer whose bound leaves
                 the range of the one GEMM's dtype is computed in float64 instead, the scale
                 folded into ``A`` first: with ``s`` as the GEMM's alpha, a BLAS that forms the
                 product before scaling it would write inf or NaN (A and B of 1e22 at a scale of

@@ -73,6 +73,10 @@ class LoadPlan:
         delta_bound: injected layer name -> ``r * max|A| * max|B|``, a bound on every entry of
             ``B @ A`` (filled by the value checks, which put the exact ``max|B @ A|`` in its place
             where they computed it; merged mode checks its weights' range with it).
+        factor_bound: injected layer name -> ``r * max|A| * max|B|`` as the factors give it,
+            never tightened: it bounds every partial sum of a GEMM forming ``B @ A`` too, which
+            the exact ``max|B @ A|`` does not (terms of 1e40 that cancel); merged mode's
+            one-GEMM rewrite checks its range with it (filled by the value checks).
         scaled_b: per arena, float64 ``[n_layers]``: ``max|B| * |alpha / r|`` of each layer (0
             if untouched; filled by the value checks; the wide layers, which store ``scale * B``,
             check their dtype's range with it).
@@ -108,6 +112,7 @@ class LoadPlan:
     ranks: dict[str, int]
     nbytes: int
     delta_bound: dict[str, float] = field(default_factory=dict)
+    factor_bound: dict[str, float] = field(default_factory=dict)
     scaled_b: list[torch.Tensor] = field(default_factory=list)
     a_shift: list[torch.Tensor] = field(default_factory=list)
     update_bound: list[torch.Tensor] = field(default_factory=list)
@@ -1203,6 +1208,7 @@ def _check_range(plan: LoadPlan, buffers: BufferManager, staged: Staged, merged:
         ranks = torch.tensor([A.shape[0] for _, A, _ in entries], dtype=torch.float64)
         products = ranks * (largest[0::2] * largest[1::2])  # r * max|A| * max|B| bounds every entry of B @ A
         plan.delta_bound.update({names[(a, i)]: b for (i, _, _), b in zip(entries, products.tolist())})
+        plan.factor_bound.update({names[(a, i)]: b for (i, _, _), b in zip(entries, products.tolist())})
         index = torch.tensor([i for i, _, _ in entries])
         scales = plan.scales[a][index].abs()
         plan.scaled_b[a][index] = largest[1::2] * scales

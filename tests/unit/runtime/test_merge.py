@@ -2032,3 +2032,30 @@ def test_negative_control_the_product_first_blas_breaks_the_one_gemm_rewrite(mon
     w0 = torch.zeros(4, 8)
     a, b = torch.full((2, 8), 1e22), torch.full((4, 2), 1e22)
     assert not torch.isfinite(_product_first_addmm(w0, b, a, alpha=2e-38)).any()
+
+
+def test_a_scale_whose_bound_reaches_the_limit_is_checked_exactly_beyond_float32() -> None:
+    """A and B of 1e20 whose products cancel (``B @ A`` is at most 2e36, its bound
+    ``r * max|A| * max|B|`` 2e40) at ``alpha / r`` of 1e-6, then ``set_scale(5e5)`` (0.5 in
+    all), whose bound reaches float32's limit, so merged mode computes the merged weight
+    exactly. In float32 the unscaled terms (1e40) overflow and the scale was refused; in float64
+    the weight fits and the scale is taken, the weight the float64 reference's. Negative
+    control: at a scale the true weight leaves the range at, the scale is refused and nothing
+    changes."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3))
+    w0 = model[0].weight.detach().double().clone()
+    a = torch.tensor([[1e20, 1e20, 1e20, 1e20], [1e20, 1e20, 1e20, 1e20 + 2e16]], dtype=torch.float64)
+    b = torch.tensor([[1e20, -1e20], [-1e20, 1e20], [1e20, -1e20]], dtype=torch.float64)
+    runtime = lorahot.inject(model, ["0"], max_rank=2, merged=True)
+    # alpha / r of 1e-6: the load's checks find the bound far from the limit and keep it
+    runtime.load({"0.lora_A.weight": a.float(), "0.lora_B.weight": b.float()}, config={"r": 2, "lora_alpha": 2e-6})
+    runtime.set_scale(5e5)  # 0.5 in all
+    af, bf = a.float().double(), b.float().double()
+    assert (bf @ af).abs().max() < 1e38 < 2 * float(af.abs().max() * bf.abs().max())
+    want = (w0 + 0.5 * (bf @ af)).float()
+    assert torch.equal(model[0].base_layer.weight.detach(), want)
+    kept = model[0].base_layer.weight.detach().clone()
+    with pytest.raises(lorahot.UsageError, match="would overflow"):
+        runtime.set_scale(1e9)
+    assert torch.equal(model[0].base_layer.weight.detach(), kept)
