@@ -919,10 +919,13 @@ def test_gpu_llama_rotary_groups_launch_fewer_kernels_with_one_buffer(monkeypatc
     """On CUDA in bf16, default mode, transformers' Llama as the grouped probe's small model
     (hidden 128, 4 heads of 32, 2 KV heads, 2 blocks, no KV cache), compiled on a 128-token
     prefill and then a one-token decode (the second graph has a symbolic row count): with its
-    q/k/v groups' sums in one buffer the decode graph launches one kernel fewer per block than
-    with the sums apart, where the compiler writes a rotation kernel per rotated member, each
-    recomputing its sum, ahead of attention's input kernels (measured 37 against 39; on the
-    forward suite's 22 blocks 379 against 401). The logits near the eager model's.
+    q/k/v groups' sums in one buffer the decode graph launches at least one kernel fewer per
+    block than with the sums apart, where the compiler writes a rotation kernel per rotated
+    member, each recomputing its sum, ahead of attention's input kernels (measured 37 against
+    39 with every expand a GEMM, and on the forward suite's 22 blocks 379 against 401; 33
+    against 39 on an H100 with gate's and up's expands unrolled, the default since the
+    fifty-ninth session, where the sums apart also unroll q's, k's and v's expands member by
+    member). The logits near the eager model's.
 
     Shape-dependent: with a KV cache (transformers' default), measured on the same day at
     hidden 32 to 2048, the compiler fused the separate sums into attention's input kernels
@@ -944,4 +947,4 @@ def test_gpu_llama_rotary_groups_launch_fewer_kernels_with_one_buffer(monkeypatc
             assert float((got.logits.float() - want).norm() / want.norm()) < 3e-2
             src = "\n".join(code)
             launches[on] = src.count(".run(") + src.count("extern_kernels.")
-    assert launches[True] == launches[False] - 2, launches
+    assert launches[True] <= launches[False] - 2, launches  # two blocks
