@@ -685,7 +685,7 @@ class Merger:
         usual adapter: ``max|W0| + sum_p |w_p * scale_p| * bound_p`` (``bound_p``:
         ``r * max|A| * max|B|``, or :func:`~lorahot.adapter.deltas.delta_bound`) bounds every
         entry; only a layer whose bound reaches the limit gets its merged weight computed
-        exactly (in float32, or float64).
+        exactly (in float64: :meth:`_merged`).
 
         Raises:
             AdapterReadError: a part overflows alone at its own scale (weight 1).
