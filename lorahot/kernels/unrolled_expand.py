@@ -98,15 +98,17 @@ LONE = os.environ.get("LORAHOT_UNROLLED_LONE") == "1"
 SUMS = os.environ.get("LORAHOT_UNROLLED_SUMS") == "1"
 
 #: Whether a layer in no group (o, down) writes its output ``y + h @ B_s.T`` with
-#: :func:`unrolled_output` where :func:`fits`: one elementwise kernel of its own, realized as
-#: one buffer ``[rows, out]`` over a grid across the columns, in place of the expand's GEMM
-#: (no launch fewer). What it changes is memory: a Llama's residual add is recomputed by the
-#: kernels that read it (RMSNorm, the next residual add), so with a GEMM expand the layer's
-#: GEMM output and its expand both stay alive through the MLP, which lifts every block's
-#: estimated peak above the logits' at decode, and inductor then refuses the reuses of buffers
-#: across blocks (``benchmarks/experiments/wrapper_code_probe.py``, ``PROBE_REFUSALS=1``). Off
-#: unless ``LORAHOT_UNROLLED_LONE_SUMS=1`` at import (read only where :data:`ENABLED`, and where
-#: :data:`LONE` is off).
+#: :func:`unrolled_output` where :func:`fits`: one realized elementwise node ``[rows, out]`` in
+#: place of the expand's GEMM, so that one buffer, not the layer's GEMM output and its expand,
+#: stays alive through the MLP. The aim is memory: a Llama's residual add is recomputed by the
+#: kernels that read it (RMSNorm, the next residual add), so with a GEMM expand both of the
+#: layer's buffers stay alive, which lifts every block's estimated peak above the logits' at
+#: decode, and inductor then refuses the reuses of buffers across blocks
+#: (``benchmarks/experiments/wrapper_code_probe.py``, ``PROBE_REFUSALS=1``; sixtieth session).
+#: Not measured on a GPU. The compiler may fuse the node into its first reader: on the CPU box
+#: it computes the sums inside the RMSNorm kernel, and on a GPU that would be the row's one
+#: program, the cost that keeps :data:`LONE` off. Off unless ``LORAHOT_UNROLLED_LONE_SUMS=1`` at
+#: import (read only where :data:`ENABLED`, and where :data:`LONE` is off).
 LONE_SUMS = os.environ.get("LORAHOT_UNROLLED_LONE_SUMS") == "1"
 
 
@@ -175,8 +177,8 @@ def _unrolled_output(yh: torch.Tensor, bt: torch.Tensor) -> torch.Tensor:
 def unrolled_output(yh: torch.Tensor, bt: torch.Tensor) -> torch.Tensor:
     """A lone layer's output ``y + h @ bt`` from its GEMM's ``yh [rows, n + R]`` (``[y | h]``)
     and ``bt [R, n]``, summed in float32 and rounded once, as the base layer's GEMM output is;
-    under inductor one elementwise node, realized as a buffer of its own (see
-    :data:`LONE_SUMS`). No gradient."""
+    under inductor one realized elementwise node, which the compiler may still fuse into its
+    first reader (see :data:`LONE_SUMS`). No gradient."""
     out: torch.Tensor = torch.ops.lorahot.unrolled_output(yh, bt)
     return out
 
@@ -271,7 +273,7 @@ def register() -> None:
             return ops.to_dtype(ops.add(ops.to_dtype(load_yh([i, j]), wide), total), dtype)
 
         box: ir.TensorBox = ir.Pointwise.create(device=yh.get_device(), dtype=dtype, inner_fn=element, ranges=[rows, n])
-        box.realize()  # a buffer of its own: the layer's GEMM output is freed once it is written
+        box.realize()  # one node, not inlined into each reader
         return box
 
     _REGISTERED = True

@@ -176,3 +176,34 @@ def test_a_group_s_sums_are_one_buffer_each_member_s_columns_its_expand_added(dt
     gemms, kernels = _launches(code)
     assert gemms == 0 and "lorahot" not in "\n".join(code)
     assert kernels in (1, 2)  # the sums, then their reader (on the CPU, C++ may fuse the two)
+
+
+def _with_output(yh: torch.Tensor, bt: torch.Tensor, res: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    n = bt.shape[1]
+    return _reader(unrolled_expand.unrolled_output(yh, bt), torch.zeros_like(yh[:, :n]), res, w)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_a_lone_layer_s_output_is_one_buffer_written_by_a_kernel_of_its_own(dtype: torch.dtype) -> None:
+    """``unrolled_output`` over a lone layer's GEMM output ``[y | h]`` (8 outputs, rank 3):
+    ``y + h @ bt``, eagerly and compiled by inductor, where it is no GEMM (read by the residual
+    add and RMSNorm alone, as here, the C++ backend computes the sums inside the reader's
+    kernel and stores no buffer of them). Float64: 1e-10 of the reference; bfloat16 eagerly:
+    bitwise the float32 sum rounded once."""
+    from torch._inductor.utils import run_and_get_code
+
+    unrolled_expand.register()
+    gen = torch.Generator().manual_seed(7)
+    yh, bt, res = (torch.randn(*s, generator=gen, dtype=torch.float64).to(dtype) for s in ((5, 11), (3, 8), (5, 8)))
+    w = torch.ones(8, dtype=dtype)
+    wide = torch.float64 if dtype == torch.float64 else torch.float32
+    want = (yh[:, :8].to(wide) + yh[:, 8:].to(wide) @ bt.to(wide)).to(dtype)
+    if dtype == torch.float64:
+        torch.testing.assert_close(unrolled_expand.unrolled_output(yh, bt), want, rtol=1e-10, atol=1e-10)
+    else:
+        assert torch.equal(unrolled_expand.unrolled_output(yh, bt), want)
+    torch._dynamo.reset()
+    got, code = run_and_get_code(torch.compile(_with_output, fullgraph=True), yh, bt, res, w)
+    tol = 1e-10 if dtype == torch.float64 else 2e-2
+    torch.testing.assert_close(got, _reader(want, torch.zeros_like(want), res, w), rtol=tol, atol=tol)
+    assert _launches(code) == (0, 1)
