@@ -82,11 +82,20 @@ def always_reuse() -> Iterator[None]:
     the graph's estimated peak memory (at decode the peak is a few tens of KB, which lorahot's
     temporaries reach: each later block then allocates its own), and the FX graph cache is off
     so that the wrapper is generated anew."""
+    with reuse_decided(lambda decide, line, free_line, size: True):
+        yield
+
+
+@contextlib.contextmanager
+def reuse_decided(decide: Callable[..., bool]) -> Iterator[None]:
+    """Inductor's buffer reuse decided by ``decide(inductor's own decision, allocate line, free
+    line, bytes)`` in place of ``AllocateLine.should_reuse_buffer``, with the FX graph cache off
+    so that every wrapper is planned anew while this is on."""
     from torch._inductor import config
     from torch._inductor.codegen import wrapper
 
     saved = wrapper.AllocateLine.should_reuse_buffer
-    wrapper.AllocateLine.should_reuse_buffer = lambda self, free_line, size: True  # type: ignore[method-assign]
+    wrapper.AllocateLine.should_reuse_buffer = lambda self, free_line, size: decide(saved, self, free_line, size)  # type: ignore[method-assign]
     try:
         with config.patch(fx_graph_cache=False):
             yield

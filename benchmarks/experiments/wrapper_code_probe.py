@@ -22,15 +22,16 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch._inductor.utils import run_and_get_code
 
 import lorahot
 from benchmarks import workload
-from benchmarks.experiments.default_mode_probe import switches
+from benchmarks.experiments.default_mode_probe import reuse_decided, switches
 from benchmarks.workload import MAX_RANK, TARGETS, adapter_file
 from lorahot.layers import linear as linear_layer
 from lorahot.runtime import wide
@@ -66,33 +67,29 @@ def _call_body(code: str) -> str:
     return code[start : start + 1 + end.start()] if end else code[start:]
 
 
-@contextlib.contextmanager
-def refusals(log: list[str]) -> Iterator[None]:
+def refusals(log: list[str]) -> contextlib.AbstractContextManager[None]:
     """Record each buffer reuse inductor's planning refuses (``AllocateLine.should_reuse_buffer``
     answering no): the buffer, its bytes, the estimated peak between the free and the allocation,
     and the graph's estimated peak. The FX graph cache is off, so the wrapper is planned anew."""
-    from torch._inductor import config
-    from torch._inductor.codegen import wrapper
 
-    saved = wrapper.AllocateLine.should_reuse_buffer
-
-    def logged(self: wrapper.AllocateLine, free_line: wrapper.FreeIfNotReusedLine, size: int) -> bool:
-        taken = saved(self, free_line, size)
+    def logged(saved: Callable[..., bool], line: Any, free_line: Any, size: int) -> bool:
+        taken = saved(line, free_line, size)
         if not taken:
-            peak = self.wrapper.estimate_peak
+            peak = line.wrapper.estimate_peak
             log.append(
-                f"refused {self.node.get_name()} <- {free_line.node.get_name()}: {size} B, nodes "
-                f"{free_line.scheduler_node_index}..{self.scheduler_node_index}, peak between "
-                f"{peak.peak_between(free_line, self)} B, graph peak {peak.overall_peak_memory} B"
+                f"refused {line.node.get_name()} <- {free_line.node.get_name()}: {size} B, nodes "
+                f"{free_line.scheduler_node_index}..{line.scheduler_node_index}, peak between "
+                f"{peak.peak_between(free_line, line)} B, graph peak {peak.overall_peak_memory} B"
             )
         return taken
 
-    wrapper.AllocateLine.should_reuse_buffer = logged  # type: ignore[method-assign]
-    try:
-        with config.patch(fx_graph_cache=False):
-            yield
-    finally:
-        wrapper.AllocateLine.should_reuse_buffer = saved  # type: ignore[method-assign]
+    return reuse_decided(logged)
+
+
+def _print_refusals(form: str, graph: str, log: list[str]) -> None:
+    if log:
+        print(f"=== {form}: {graph} graph, {len(log)} reuses refused", flush=True)
+        print("\n".join(log), flush=True)
 
 
 def main() -> None:
@@ -118,9 +115,7 @@ def main() -> None:
         planning = refusals(log) if REFUSALS and "_reuse" not in form else contextlib.nullcontext()
         with torch.inference_mode(), switches(form), planning:
             compiled(input_ids=w.prefill)
-            if log:
-                print(f"=== {form}: prefill graph, {len(log)} reuses refused", flush=True)
-                print("\n".join(log), flush=True)
+            _print_refusals(form, "prefill", log)
             log.clear()
             _, codes = run_and_get_code(lambda: compiled(input_ids=w.decode))
         code = "\n\n# ---- next module\n\n".join(codes)
@@ -128,9 +123,7 @@ def main() -> None:
         body = _call_body(codes[-1] if codes else "")
         counts = ", ".join(f"{k} {len(re.findall(p, body, re.M))}" for k, p in COUNTED.items())
         print(f"=== {form}: decode wrapper, {w.config.num_hidden_layers} block(s): {counts}", flush=True)  # type: ignore[attr-defined]
-        if log:
-            print(f"=== {form}: decode graph, {len(log)} reuses refused", flush=True)
-            print("\n".join(log), flush=True)
+        _print_refusals(form, "decode", log)
         print(body, flush=True)
 
 

@@ -1207,8 +1207,9 @@ def _check_range(plan: LoadPlan, buffers: BufferManager, staged: Staged, merged:
         largest = _max_abs(tensors)  # float64 [2 * n], host
         ranks = torch.tensor([A.shape[0] for _, A, _ in entries], dtype=torch.float64)
         products = ranks * (largest[0::2] * largest[1::2])  # r * max|A| * max|B| bounds every entry of B @ A
-        plan.delta_bound.update({names[(a, i)]: b for (i, _, _), b in zip(entries, products.tolist())})
-        plan.factor_bound.update({names[(a, i)]: b for (i, _, _), b in zip(entries, products.tolist())})
+        bounds = {names[(a, i)]: b for (i, _, _), b in zip(entries, products.tolist())}
+        plan.delta_bound.update(bounds)
+        plan.factor_bound.update(bounds)
         index = torch.tensor([i for i, _, _ in entries])
         scales = plan.scales[a][index].abs()
         plan.scaled_b[a][index] = largest[1::2] * scales
