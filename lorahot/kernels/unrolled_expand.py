@@ -98,17 +98,20 @@ LONE = os.environ.get("LORAHOT_UNROLLED_LONE") == "1"
 SUMS = os.environ.get("LORAHOT_UNROLLED_SUMS") == "1"
 
 #: Whether a layer in no group (o, down) writes its output ``y + h @ B_s.T`` with
-#: :func:`unrolled_output` where :func:`fits`: one realized elementwise node ``[rows, out]`` in
-#: place of the expand's GEMM, so that one buffer, not the layer's GEMM output and its expand,
-#: stays alive through the MLP. The aim is memory: a Llama's residual add is recomputed by the
+#: :func:`unrolled_output` where :func:`fits`: a kernel of its own in place of the expand's
+#: GEMM, so that one buffer ``[rows, out]``, not the layer's GEMM output and its expand, stays
+#: alive through the MLP. The aim is memory: a Llama's residual add is recomputed by the
 #: kernels that read it (RMSNorm, the next residual add), so with a GEMM expand both of the
-#: layer's buffers stay alive, which lifts every block's estimated peak above the logits' at
-#: decode, and inductor then refuses the reuses of buffers across blocks
-#: (``benchmarks/experiments/wrapper_code_probe.py``, ``PROBE_REFUSALS=1``; sixtieth session).
-#: Not measured on a GPU. The compiler may fuse the node into its first reader: on the CPU box
-#: it computes the sums inside the RMSNorm kernel, and on a GPU that would be the row's one
-#: program, the cost that keeps :data:`LONE` off. Off unless ``LORAHOT_UNROLLED_LONE_SUMS=1`` at
-#: import (read only where :data:`ENABLED`, and where :data:`LONE` is off).
+#: layer's buffers stay alive, which lifts the blocks' estimated peak, and inductor then refuses
+#: the reuses of buffers across blocks (``benchmarks/experiments/wrapper_code_probe.py``,
+#: ``PROBE_REFUSALS=1``; sixtieth session, CPU box). The output is a reduction over the rank
+#: (the sixty-first session's form), which Triton cannot fuse into RMSNorm's reduction over the
+#: row: an elementwise node of the unrolled sums (the sixtieth session's form) could be, and
+#: inductor's rules for Triton allow it (an elementwise producer whose size is the reduction's
+#: rows times its length), which would put the expand in RMSNorm's one program per row, the
+#: cost that keeps :data:`LONE` off. Not measured on a GPU. Off unless
+#: ``LORAHOT_UNROLLED_LONE_SUMS=1`` at import (read only where :data:`ENABLED`, and where
+#: :data:`LONE` is off).
 LONE_SUMS = os.environ.get("LORAHOT_UNROLLED_LONE_SUMS") == "1"
 
 
@@ -177,8 +180,8 @@ def _unrolled_output(yh: torch.Tensor, bt: torch.Tensor) -> torch.Tensor:
 def unrolled_output(yh: torch.Tensor, bt: torch.Tensor) -> torch.Tensor:
     """A lone layer's output ``y + h @ bt`` from its GEMM's ``yh [rows, n + R]`` (``[y | h]``)
     and ``bt [R, n]``, summed in float32 and rounded once, as the base layer's GEMM output is;
-    under inductor one realized elementwise node, which the compiler may still fuse into its
-    first reader (see :data:`LONE_SUMS`). No gradient."""
+    under inductor one reduction over the rank (``y`` added with the first term), realized, with
+    its programs across the outputs (see :data:`LONE_SUMS`). No gradient."""
     out: torch.Tensor = torch.ops.lorahot.unrolled_output(yh, bt)
     return out
 
@@ -265,15 +268,23 @@ def register() -> None:
         wide = torch.promote_types(dtype, torch.float32)
         load_yh, load_bt = yh.make_loader(), bt.make_loader()
 
-        def element(index: list[sympy.Expr]) -> object:
-            i, j = index
-            total = summed(
-                rank, lambda k: load_yh([i, sympy.Integer(n + k)]), lambda k: load_bt([sympy.Integer(k), j]), wide
-            )
-            return ops.to_dtype(ops.add(ops.to_dtype(load_yh([i, j]), wide), total), dtype)
+        def term(index: list[sympy.Expr], rindex: list[sympy.Expr]) -> object:
+            # h[i, k] * B_s[j, k], with y[i, j] added at k == 0: the reduction's sum is the output
+            (i, j), (k,) = index, rindex
+            product = ops.mul(ops.to_dtype(load_yh([i, n + k]), wide), ops.to_dtype(load_bt([k, j]), wide))
+            first = ops.eq(ops.index_expr(k, torch.int64), ops.constant(0, torch.int64))
+            return ops.add(product, ops.where(first, ops.to_dtype(load_yh([i, j]), wide), ops.constant(0.0, wide)))
 
-        box: ir.TensorBox = ir.Pointwise.create(device=yh.get_device(), dtype=dtype, inner_fn=element, ranges=[rows, n])
-        box.realize()  # one node, not inlined into each reader
+        box: ir.TensorBox = ir.Reduction.create(
+            device=yh.get_device_or_error(),
+            dst_dtype=dtype,
+            src_dtype=wide,
+            inner_fn=term,
+            ranges=[rows, n],
+            reduction_ranges=[rank],
+            reduction_type="sum",
+        )
+        box.realize()
         return box
 
     _REGISTERED = True

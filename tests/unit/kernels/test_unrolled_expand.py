@@ -186,10 +186,10 @@ def _with_output(yh: torch.Tensor, bt: torch.Tensor, res: torch.Tensor, w: torch
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
 def test_a_lone_layer_s_output_is_one_buffer_written_by_a_kernel_of_its_own(dtype: torch.dtype) -> None:
     """``unrolled_output`` over a lone layer's GEMM output ``[y | h]`` (8 outputs, rank 3):
-    ``y + h @ bt``, eagerly and compiled by inductor, where it is no GEMM (read by the residual
-    add and RMSNorm alone, as here, the C++ backend computes the sums inside the reader's
-    kernel and stores no buffer of them). Float64: 1e-10 of the reference; bfloat16 eagerly:
-    bitwise the float32 sum rounded once."""
+    ``y + h @ bt``, eagerly and compiled by inductor, where it is no GEMM (a reduction over the
+    rank; read by the residual add and RMSNorm alone, as here, the C++ backend nests it inside
+    the reader's kernel, where Triton gives it a kernel of its own, the GPU test below).
+    Float64: 1e-10 of the reference; bfloat16 eagerly: bitwise the float32 sum rounded once."""
     from torch._inductor.utils import run_and_get_code
 
     unrolled_expand.register()
@@ -207,3 +207,28 @@ def test_a_lone_layer_s_output_is_one_buffer_written_by_a_kernel_of_its_own(dtyp
     tol = 1e-10 if dtype == torch.float64 else 2e-2
     torch.testing.assert_close(got, _reader(want, torch.zeros_like(want), res, w), rtol=tol, atol=tol)
     assert _launches(code) == (0, 1)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows", [1, 16])
+def test_gpu_a_lone_layer_s_output_is_a_reduction_kernel_of_its_own_not_inside_rmsnorm(rows: int) -> None:
+    """On CUDA in bf16 (rank 64, 2048 outputs: a TinyLlama o projection read by the residual
+    add and RMSNorm): ``unrolled_output`` is a Triton reduction over the rank with programs
+    across the outputs, launched before the reader's kernel (two Triton kernels, no GEMM), not
+    a prologue of RMSNorm's one program per row; within bf16's rounding of the float32
+    reference."""
+    from torch._inductor.utils import run_and_get_code
+
+    unrolled_expand.register()
+    gen = torch.Generator().manual_seed(11)
+    yh, bt, res = (
+        torch.randn(*s, generator=gen, dtype=torch.float64).to(torch.bfloat16).cuda()
+        for s in ((rows, 2048 + 64), (64, 2048), (rows, 2048))
+    )
+    w = torch.ones(2048, dtype=torch.bfloat16, device="cuda")
+    torch._dynamo.reset()
+    got, code = run_and_get_code(torch.compile(_with_output, fullgraph=True), yh, bt, res, w)
+    f = [t.float() for t in (yh, bt, res, w)]
+    want = _reader(f[0][:, :2048] + f[0][:, 2048:] @ f[1], torch.zeros_like(f[2]), f[2], f[3])
+    assert float((got.float() - want).norm() / want.norm()) < 1e-2
+    assert _launches(code) == (0, 2)
