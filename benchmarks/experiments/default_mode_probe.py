@@ -111,19 +111,22 @@ def switches(name: str) -> Iterator[None]:
     off: every expand a GEMM), ``_sums`` (:data:`lorahot.kernels.unrolled_expand.SUMS`: q/k/v's
     one buffer written by the unrolled sums), ``_lonesums``
     (:data:`lorahot.kernels.unrolled_expand.LONE_SUMS`: o's and down's outputs each written by
-    a kernel of their own), ``_accumulate``
+    a kernel of their own), ``_reduced`` (:data:`lorahot.kernels.unrolled_expand.REDUCED`: the
+    unrolled expands lowered as reductions over the rank), ``_accumulate``
     (:data:`lorahot.kernels.wide_groups.ACCUMULATE`), ``_reuse`` (:func:`always_reuse`); the
     others as the library sets them."""
-    saved = unrolled_expand.ENABLED, unrolled_expand.SUMS, unrolled_expand.LONE_SUMS, wide_groups.ACCUMULATE
-    unrolled_expand.ENABLED = "_gemm" not in name and (unrolled_expand.ENABLED or "_unrolled" in name)
-    unrolled_expand.SUMS = unrolled_expand.SUMS or "_sums" in name
-    unrolled_expand.LONE_SUMS = unrolled_expand.LONE_SUMS or "_lonesums" in name
+    u = unrolled_expand
+    saved = u.ENABLED, u.SUMS, u.LONE_SUMS, u.REDUCED, wide_groups.ACCUMULATE
+    u.ENABLED = "_gemm" not in name and (u.ENABLED or "_unrolled" in name)
+    u.SUMS = u.SUMS or "_sums" in name
+    u.LONE_SUMS = u.LONE_SUMS or "_lonesums" in name
+    u.REDUCED = u.REDUCED or "_reduced" in name
     wide_groups.ACCUMULATE = wide_groups.ACCUMULATE or "_accumulate" in name
     try:
         with always_reuse() if "_reuse" in name else contextlib.nullcontext():
             yield
     finally:
-        unrolled_expand.ENABLED, unrolled_expand.SUMS, unrolled_expand.LONE_SUMS, wide_groups.ACCUMULATE = saved
+        u.ENABLED, u.SUMS, u.LONE_SUMS, u.REDUCED, wide_groups.ACCUMULATE = saved
 
 
 def compiled(name: str, model: torch.nn.Module, ids: dict[str, torch.Tensor]) -> Call:

@@ -37,6 +37,7 @@ __all__ = [
     "LONE_SUMS",
     "MEMBERS",
     "RANK",
+    "REDUCED",
     "ROWS",
     "SUMS",
     "fits",
@@ -113,6 +114,19 @@ SUMS = os.environ.get("LORAHOT_UNROLLED_SUMS") == "1"
 #: ``LORAHOT_UNROLLED_LONE_SUMS=1`` at import (read only where :data:`ENABLED`, and where
 #: :data:`LONE` is off).
 LONE_SUMS = os.environ.get("LORAHOT_UNROLLED_LONE_SUMS") == "1"
+
+#: Whether :func:`unrolled_expand` is lowered as a reduction over the rank (``R`` products per
+#: output element, summed in float32 and rounded once, as now) rather than as an elementwise
+#: node that spells out its ``R`` products. The aim is compile time: inductor builds and
+#: simplifies every term of the elementwise form (``2 R`` loads) at every layer, and realizes
+#: the node in its IR (more than 100 operations), where a reduction's inner function is one
+#: product. On the CPU box (torch 2.13.0+cpu, the forward suite's model cut to 4 blocks at full
+#: width, the decode graph alone, caches off): base 4.2 s, the GEMM expands 4.5 s, the
+#: elementwise form 11.4-11.8 s, this form 5.3 s. On a GPU the reader must take the reduction's
+#: result in the same kernel for the launch count to stay: an elementwise reader (the SiLU
+#: product) can be the reduction's epilogue, a reduction over the row (RMSNorm) cannot. Not
+#: measured on a GPU. Off unless ``LORAHOT_UNROLLED_REDUCED=1`` at import.
+REDUCED = os.environ.get("LORAHOT_UNROLLED_REDUCED") == "1"
 
 
 def fits(rows: int | torch.SymInt, rank: int) -> bool:
@@ -223,6 +237,23 @@ def register() -> None:
             )
             return ops.to_dtype(total, dtype)
 
+        if REDUCED:
+
+            def term(index: list[sympy.Expr], rindex: list[sympy.Expr]) -> object:
+                (i, j), (k,) = index, rindex
+                return ops.mul(ops.to_dtype(load_h([i, k]), wide), ops.to_dtype(load_bt([k, j]), wide))
+
+            red: ir.TensorBox = ir.Reduction.create(
+                device=h.get_device_or_error(),
+                dst_dtype=dtype,
+                src_dtype=wide,
+                inner_fn=term,
+                ranges=[rows, n],
+                reduction_ranges=[rank],
+                reduction_type="sum",
+            )
+            red.realize()
+            return red
         box: ir.TensorBox = ir.Pointwise.create(device=h.get_device(), dtype=dtype, inner_fn=element, ranges=[rows, n])
         return box
 

@@ -120,6 +120,77 @@ def test_inductor_computes_the_expand_inside_the_kernel_that_reads_it(unrolled: 
         assert gemms == 1
 
 
+def _silu_reader(
+    yg: torch.Tensor, hg: torch.Tensor, yu: torch.Tensor, hu: torch.Tensor, bt: torch.Tensor
+) -> torch.Tensor:
+    """What reads gate's and up's outputs in a Llama MLP: the SiLU product."""
+    g = yg + unrolled_expand.unrolled_expand(hg, bt)
+    return torch.nn.functional.silu(g) * (yu + unrolled_expand.unrolled_expand(hu, bt))
+
+
+def _silu_inputs(rows: int, rank: int, n: int, dtype: torch.dtype, seed: int) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    shapes = ((rows, n), (rows, rank), (rows, n), (rows, rank), (rank, n))
+    return [torch.randn(*s, generator=gen, dtype=torch.float64).to(dtype) for s in shapes]
+
+
+def _silu_reference(
+    yg: torch.Tensor, hg: torch.Tensor, yu: torch.Tensor, hu: torch.Tensor, bt: torch.Tensor
+) -> torch.Tensor:
+    d = [t.double() for t in (yg, hg, yu, hu, bt)]
+    return torch.nn.functional.silu(d[0] + d[1] @ d[4]) * (d[2] + d[3] @ d[4])
+
+
+@pytest.mark.parametrize("reduced", [True, False], ids=["reduced", "elementwise"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_the_expand_lowered_as_a_reduction_over_the_rank_equals_the_elementwise_form(
+    reduced: bool, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With :data:`~lorahot.kernels.unrolled_expand.REDUCED` the op is lowered as a reduction
+    over the rank: read by the SiLU product of gate and up, compiled, it equals the float64
+    reference (float64: 1e-10; bfloat16: within the outputs' rounding), with no GEMM and no
+    call of the op's eager body, and in as many kernels as the elementwise form (one)."""
+    from torch._inductor import config
+    from torch._inductor.utils import run_and_get_code
+
+    unrolled_expand.register()
+    monkeypatch.setattr(unrolled_expand, "REDUCED", reduced)
+    args = _silu_inputs(3, 16, 24, dtype, seed=21)
+    torch._dynamo.reset()
+    with config.patch(fx_graph_cache=False):  # the switch is not part of the cache's key
+        got, code = run_and_get_code(torch.compile(_silu_reader, fullgraph=True), *args)
+    tol = 1e-10 if dtype == torch.float64 else 3e-2
+    torch.testing.assert_close(got.double(), _silu_reference(*args), rtol=tol, atol=tol)
+    text = "\n".join(code)
+    assert "lorahot" not in text
+    assert _launches(code) == (0, 1)
+    assert ("tmp_acc" in text) == reduced  # the C++ backend's reduction accumulator
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("reduced", [True, False], ids=["reduced", "elementwise"])
+@pytest.mark.parametrize("rows", [1, 16])
+def test_gpu_gate_and_up_expands_reduced_over_the_rank_run_inside_the_silu_kernel(
+    rows: int, reduced: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On CUDA in bf16 (rank 64, 5632 outputs: TinyLlama's gate and up): the SiLU product with
+    both expands unrolled is one Triton kernel and no GEMM, whether the expands are lowered
+    as reductions over the rank (their product the reduction's epilogue) or as elementwise
+    sums, within bf16's rounding of the float64 reference."""
+    from torch._inductor import config
+    from torch._inductor.utils import run_and_get_code
+
+    unrolled_expand.register()
+    monkeypatch.setattr(unrolled_expand, "REDUCED", reduced)
+    args = [t.cuda() for t in _silu_inputs(rows, 64, 5632, torch.bfloat16, seed=rows)]
+    torch._dynamo.reset()
+    with config.patch(fx_graph_cache=False):  # the switch is not part of the cache's key
+        got, code = run_and_get_code(torch.compile(_silu_reader, fullgraph=True), *args)
+    want = _silu_reference(*args)
+    assert float((got.double() - want).norm() / want.norm()) < 1e-2
+    assert _launches(code) == (0, 1)
+
+
 def test_the_op_refuses_a_gradient() -> None:
     """No backward: a call that would need one raises, naming the op."""
     _, h, bt, _, _ = _inputs(3, 4, 8, torch.float32)
