@@ -127,6 +127,7 @@ class StackShrinks(CustomGraphPass):
             unrolled_expand.MEMBERS,
             unrolled_expand.LONE,
             unrolled_expand.LONE_SUMS,
+            unrolled_expand.REDUCED,
         )
         return (get_hash_for_files(files), *on, repr(extern_inputs.signatures()), *earlier)
 
