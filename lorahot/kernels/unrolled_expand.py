@@ -121,8 +121,9 @@ LONE_SUMS = os.environ.get("LORAHOT_UNROLLED_LONE_SUMS") == "1"
 #: simplifies every term of the elementwise form (``2 R`` loads) at every layer, and realizes
 #: the node in its IR (more than 100 operations), where a reduction's inner function is one
 #: product. On the CPU box (torch 2.13.0+cpu, the forward suite's model cut to 4 blocks at full
-#: width, the decode graph alone, caches off): base 4.2 s, the GEMM expands 4.5 s, the
-#: elementwise form 11.4-11.8 s, this form 5.3 s. On a GPU the reader must take the reduction's
+#: width, the decode graph alone, caches off): the elementwise form 11.4-11.8 s against the
+#: base model's 4.2 s and the GEMM expands' 4.5 s; this form 4.6-5.1 s against the base
+#: model's 3.3 s in another process. On a GPU the reader must take the reduction's
 #: result in the same kernel for the launch count to stay: an elementwise reader (the SiLU
 #: product) can be the reduction's epilogue, a reduction over the row (RMSNorm) cannot. Not
 #: measured on a GPU. Off unless ``LORAHOT_UNROLLED_REDUCED=1`` at import.
@@ -222,6 +223,22 @@ def register() -> None:
             total = term if total is None else ops.add(total, term)
         return total
 
+    def rank_sum(like: ir.TensorBox, term: Callable[..., object], rows: object, n: int, rank: int) -> ir.TensorBox:
+        """``sum_k term([i, j], [k])`` over ``k < rank`` for every ``[i, j]`` of ``[rows, n]``, as one
+        realized reduction: summed in float32 (float64 for float64) and stored in ``like``'s dtype."""
+        dtype = like.get_dtype()
+        box: ir.TensorBox = ir.Reduction.create(
+            device=like.get_device_or_error(),
+            dst_dtype=dtype,
+            src_dtype=torch.promote_types(dtype, torch.float32),
+            inner_fn=term,
+            ranges=[rows, n],
+            reduction_ranges=[rank],
+            reduction_type="sum",
+        )
+        box.realize()
+        return box
+
     @register_lowering(torch.ops.lorahot.unrolled_expand.default, type_promotion_kind=None)
     def _lower(h: ir.TensorBox, bt: ir.TensorBox) -> ir.TensorBox:
         rows, rank = h.get_size()
@@ -230,6 +247,14 @@ def register() -> None:
         wide = torch.promote_types(dtype, torch.float32)
         load_h, load_bt = h.make_loader(), bt.make_loader()
 
+        if REDUCED:
+
+            def term(index: list[sympy.Expr], rindex: list[sympy.Expr]) -> object:
+                (i, j), (k,) = index, rindex
+                return ops.mul(ops.to_dtype(load_h([i, k]), wide), ops.to_dtype(load_bt([k, j]), wide))
+
+            return rank_sum(h, term, rows, n, rank)
+
         def element(index: list[sympy.Expr]) -> object:
             i, j = index
             total = summed(
@@ -237,23 +262,6 @@ def register() -> None:
             )
             return ops.to_dtype(total, dtype)
 
-        if REDUCED:
-
-            def term(index: list[sympy.Expr], rindex: list[sympy.Expr]) -> object:
-                (i, j), (k,) = index, rindex
-                return ops.mul(ops.to_dtype(load_h([i, k]), wide), ops.to_dtype(load_bt([k, j]), wide))
-
-            red: ir.TensorBox = ir.Reduction.create(
-                device=h.get_device_or_error(),
-                dst_dtype=dtype,
-                src_dtype=wide,
-                inner_fn=term,
-                ranges=[rows, n],
-                reduction_ranges=[rank],
-                reduction_type="sum",
-            )
-            red.realize()
-            return red
         box: ir.TensorBox = ir.Pointwise.create(device=h.get_device(), dtype=dtype, inner_fn=element, ranges=[rows, n])
         return box
 
@@ -306,16 +314,6 @@ def register() -> None:
             first = ops.eq(ops.index_expr(k, torch.int64), ops.constant(0, torch.int64))
             return ops.add(product, ops.where(first, ops.to_dtype(load_yh([i, j]), wide), ops.constant(0.0, wide)))
 
-        box: ir.TensorBox = ir.Reduction.create(
-            device=yh.get_device_or_error(),
-            dst_dtype=dtype,
-            src_dtype=wide,
-            inner_fn=term,
-            ranges=[rows, n],
-            reduction_ranges=[rank],
-            reduction_type="sum",
-        )
-        box.realize()
-        return box
+        return rank_sum(yh, term, rows, n, rank)
 
     _REGISTERED = True
