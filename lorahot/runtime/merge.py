@@ -1016,7 +1016,10 @@ class Merger:
             a, bt = arena.rows(index, live)
             row_scales = arena.scale(index, live)[:rows, None].to(wide) if not uniform else rewrite.s
             m1, m2 = layer.merge_operands(a[:rows].to(wide) * row_scales, bt[:rows].to(wide))
-            merged = torch.addmm(merged, m1, m2)
+            # The exact path sums the product first, then adds W0, as the float64 reference does:
+            # an addmm may start its accumulator at W0, and terms that cancel (1e40 - 1e40) then
+            # absorb W0 on the way (an AMD EPYC CPU box gave 0 for W0 + (1e40 - 1e40); earlier boxes W0)
+            merged = merged + m1 @ m2 if rewrite.exact else torch.addmm(merged, m1, m2)
         if rewrite.extras is not None:  # DoRA: each output channel times its factor (1 elsewhere)
             merged = _per_channel(layer, merged, rewrite.extras[EXTRA_F].to(wide))
         return merged
