@@ -157,7 +157,7 @@ def test_the_expand_lowered_as_a_reduction_over_the_rank_equals_the_elementwise_
     monkeypatch.setattr(unrolled_expand, "REDUCED", reduced)
     args = _silu_inputs(3, 16, 24, dtype, seed=21)
     torch._dynamo.reset()
-    with config.patch(fx_graph_cache=False):  # the switch is not part of the cache's key
+    with config.patch(fx_graph_cache=False):  # no lorahot pass, whose id has the switch, runs here
         got, code = run_and_get_code(torch.compile(_silu_reader, fullgraph=True), *args)
     tol = 1e-10 if dtype == torch.float64 else 3e-2
     torch.testing.assert_close(got.double(), _silu_reference(*args), rtol=tol, atol=tol)
@@ -184,7 +184,7 @@ def test_gpu_gate_and_up_expands_reduced_over_the_rank_run_inside_the_silu_kerne
     monkeypatch.setattr(unrolled_expand, "REDUCED", reduced)
     args = [t.cuda() for t in _silu_inputs(rows, 64, 5632, torch.bfloat16, seed=rows)]
     torch._dynamo.reset()
-    with config.patch(fx_graph_cache=False):  # the switch is not part of the cache's key
+    with config.patch(fx_graph_cache=False):  # no lorahot pass, whose id has the switch, runs here
         got, code = run_and_get_code(torch.compile(_silu_reader, fullgraph=True), *args)
     want = _silu_reference(*args)
     assert float((got.double() - want).norm() / want.norm()) < 1e-2
