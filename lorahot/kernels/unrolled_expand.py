@@ -117,7 +117,9 @@ LONE_SUMS = os.environ.get("LORAHOT_UNROLLED_LONE_SUMS") == "1"
 
 #: Whether :func:`unrolled_expand` is lowered as a reduction over the rank (``R`` products per
 #: output element, summed in float32 and rounded once, as now) rather than as an elementwise
-#: node that spells out its ``R`` products. The aim is compile time: inductor builds and
+#: node that spells out its ``R`` products; :func:`unrolled_sums` too (where :data:`SUMS`): one
+#: reduction over the group's one buffer, each column's term that of the member whose columns
+#: hold it, the ``y`` column added with the first. The aim is compile time: inductor builds and
 #: simplifies every term of the elementwise form (``2 R`` loads) at every layer, and realizes
 #: the node in its IR (more than 100 operations), where a reduction's inner function is one
 #: product. On the CPU box (torch 2.13.0+cpu, the forward suite's model cut to 4 blocks at full
@@ -276,15 +278,35 @@ def register() -> None:
         wide = torch.promote_types(dtype, torch.float32)
         load_yh, load_bt = yh.make_loader(), bt.make_loader()
 
+        def inside(column: object, at: int, n: int) -> object:
+            return ops.and_(
+                ops.ge(column, ops.index_expr(sympy.Integer(at), torch.int64)),
+                ops.lt(column, ops.index_expr(sympy.Integer(at + n), torch.int64)),
+            )
+
+        if REDUCED:
+
+            def term(index: list[sympy.Expr], rindex: list[sympy.Expr]) -> object:
+                # y[i, c] at k == 0, plus h_m[i, k] * bt[k, c] for the member m whose columns hold c
+                (i, c), (k,) = index, rindex
+                column = ops.index_expr(c, torch.int64)
+                first = ops.eq(ops.index_expr(k, torch.int64), ops.constant(0, torch.int64))
+                total = ops.where(first, ops.to_dtype(load_yh([i, c]), wide), ops.constant(0.0, wide))
+                for at, n in zip(starts, outs, strict=True):
+
+                    def product(h_at: int = at + n) -> object:
+                        return ops.mul(ops.to_dtype(load_yh([i, h_at + k]), wide), ops.to_dtype(load_bt([k, c]), wide))
+
+                    total = ops.add(total, ops.masked(inside(column, at, n), product, 0.0))
+                return total
+
+            return rank_sum(yh, term, yh.get_size()[0], yh.get_size()[1], rank)
+
         def element(index: list[sympy.Expr]) -> object:
             i, c = index
             total = ops.to_dtype(load_yh([i, c]), wide)
             column = ops.index_expr(c, torch.int64)
             for at, n in zip(starts, outs, strict=True):
-                inside = ops.and_(
-                    ops.ge(column, ops.index_expr(sympy.Integer(at), torch.int64)),
-                    ops.lt(column, ops.index_expr(sympy.Integer(at + n), torch.int64)),
-                )
 
                 def expand(h_at: int = at + n) -> object:
                     return summed(
@@ -294,7 +316,7 @@ def register() -> None:
                         wide,
                     )
 
-                total = ops.add(total, ops.masked(inside, expand, 0.0))
+                total = ops.add(total, ops.masked(inside(column, at, n), expand, 0.0))
             return ops.to_dtype(total, dtype)
 
         box: ir.TensorBox = ir.Pointwise.create(

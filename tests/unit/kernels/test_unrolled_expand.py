@@ -211,20 +211,27 @@ def test_gpu_the_expand_runs_inside_the_triton_kernel_that_reads_it(rows: int) -
     assert _launches(code) == _launches(plain) == (0, 1)
 
 
+@pytest.mark.parametrize("reduced", [True, False], ids=["reduced", "elementwise"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
-def test_a_group_s_sums_are_one_buffer_each_member_s_columns_its_expand_added(dtype: torch.dtype) -> None:
+def test_a_group_s_sums_are_one_buffer_each_member_s_columns_its_expand_added(
+    dtype: torch.dtype, reduced: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """``unrolled_sums`` over a group's GEMM output ``[y_1 | h_1 | y_2 | h_2 | y_3 | h_3]`` (widths
-    12, 4, 4, rank 3): each member's ``y`` columns plus its expand, the shrink columns as they
+    12, 4, 4, rank 9): each member's ``y`` columns plus its expand, the shrink columns as they
     were; eagerly and compiled by inductor, where it is one kernel and no GEMM (read at two
-    places, as RoPE reads q; the compiler's C++ backend may fuse the sums into the reader).
+    places, as RoPE reads q; the compiler's C++ backend may fuse the sums into the reader),
+    whether lowered as elementwise sums or, with
+    :data:`~lorahot.kernels.unrolled_expand.REDUCED`, as one reduction over the rank.
     Float64: 1e-10 of the reference; bfloat16: bitwise the float32 sum
     rounded once, eagerly."""
+    from torch._inductor import config
     from torch._inductor.utils import run_and_get_code
 
     unrolled_expand.register()
-    outs, rank = [12, 4, 4], 3
-    starts = [0, 15, 22]
-    total = 29
+    monkeypatch.setattr(unrolled_expand, "REDUCED", reduced)
+    outs, rank = [12, 4, 4], 9  # not below inductor's threshold for unrolling a reduction (8)
+    starts = [0, 21, 34]
+    total = 47
     gen = torch.Generator().manual_seed(5)
     yh = torch.randn(6, total, generator=gen, dtype=torch.float64).to(dtype)
     bt = torch.randn(rank, total, generator=gen, dtype=torch.float64).to(dtype)
@@ -240,13 +247,16 @@ def test_a_group_s_sums_are_one_buffer_each_member_s_columns_its_expand_added(dt
         return q * 2 + torch.cat([-q[:, 6:], q[:, :6]], -1)
 
     torch._dynamo.reset()
-    got, code = run_and_get_code(torch.compile(rotated, fullgraph=True), yh, bt)
+    with config.patch(fx_graph_cache=False):  # no lorahot pass, whose id has the switch, runs here
+        got, code = run_and_get_code(torch.compile(rotated, fullgraph=True), yh, bt)
     q = want[:, :12]
     tol = 1e-10 if dtype == torch.float64 else 2e-2
     torch.testing.assert_close(got.to(wide), q * 2 + torch.cat([-q[:, 6:], q[:, :6]], -1), rtol=tol, atol=tol)
     gemms, kernels = _launches(code)
-    assert gemms == 0 and "lorahot" not in "\n".join(code)
+    text = "\n".join(code)
+    assert gemms == 0 and "lorahot" not in text
     assert kernels in (1, 2)  # the sums, then their reader (on the CPU, C++ may fuse the two)
+    assert ("tmp_acc" in text) == reduced  # the C++ backend's reduction accumulator
 
 
 def _with_output(yh: torch.Tensor, bt: torch.Tensor, res: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

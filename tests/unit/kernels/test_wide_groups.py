@@ -765,17 +765,25 @@ def _joined_sums(graph: torch.fx.Graph) -> list[list[int]]:
 
 @pytest.mark.parametrize(
     ("dynamic", "on", "sums"),
-    [(False, True, False), (False, True, True), (False, False, False), (True, True, False), (True, False, False)],
+    [
+        (False, True, "gemm"),
+        (False, True, "elementwise"),
+        (False, True, "reduced"),
+        (False, False, "gemm"),
+        (True, True, "gemm"),
+        (True, False, "gemm"),
+    ],
     ids=[
         "static-one-buffer",
         "static-one-buffer-unrolled-sums",
+        "static-one-buffer-sums-reduced-over-the-rank",
         "static-negative-control",
         "symbolic-rows-one-buffer",
         "symbolic-rows-negative-control",
     ],
 )
 def test_in_default_mode_a_group_read_twice_writes_its_outputs_into_one_buffer(
-    dynamic: bool, on: bool, sums: bool, as_on_cuda: list[int], monkeypatch: pytest.MonkeyPatch
+    dynamic: bool, on: bool, sums: str, as_on_cuda: list[int], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """q and k rotated as RoPE does (each element read at two places): in default mode the
     q/k/v group's sums ``y_i + expand_i`` are one addition over the group's GEMM output, an
@@ -786,10 +794,12 @@ def test_in_default_mode_a_group_read_twice_writes_its_outputs_into_one_buffer(
     swaps with no recompile, with static and symbolic rows; the negative control,
     :data:`~lorahot.kernels.wide_groups.ONE_BUFFER` off, has no such buffer. With
     :data:`lorahot.kernels.unrolled_expand.SUMS` (static rows) the buffer is one
-    ``unrolled_sums`` node instead, of the same size, with the same outputs."""
+    ``unrolled_sums`` node instead, of the same size, with the same outputs, lowered as
+    elementwise sums or (:data:`~lorahot.kernels.unrolled_expand.REDUCED`) over the rank."""
     monkeypatch.setattr(wide_groups, "ONE_BUFFER", on)
-    monkeypatch.setattr(unrolled_expand, "SUMS", sums)
-    monkeypatch.setattr(unrolled_expand, "ENABLED", sums)
+    monkeypatch.setattr(unrolled_expand, "SUMS", sums != "gemm")
+    monkeypatch.setattr(unrolled_expand, "ENABLED", sums != "gemm")
+    monkeypatch.setattr(unrolled_expand, "REDUCED", sums == "reduced")
     graphs: list[torch.fx.Graph] = []
     grouped = wide_groups.group_wide_layers
     monkeypatch.setattr(wide_groups, "group_wide_layers", lambda graph: (grouped(graph), graphs.append(graph))[0])
@@ -814,7 +824,7 @@ def test_in_default_mode_a_group_read_twice_writes_its_outputs_into_one_buffer(
     assert as_on_cuda[0] == 5
     width = D + D // 2 * 2 + 3 * R  # q, k and v, each with its shrink columns
     assert _joined_sums(graphs[0]) == ([[-1 if dynamic else 10, width]] if on else [])
-    assert sum(n.target is torch.ops.lorahot.unrolled_sums.default for n in graphs[0].nodes) == int(sums)
+    assert sum(n.target is torch.ops.lorahot.unrolled_sums.default for n in graphs[0].nodes) == int(sums != "gemm")
 
 
 class _Blocks(nn.Module):
