@@ -259,6 +259,42 @@ def test_a_group_s_sums_are_one_buffer_each_member_s_columns_its_expand_added(
     assert ("tmp_acc" in text) == reduced  # the C++ backend's reduction accumulator
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("reduced", [True, False], ids=["reduced", "elementwise"])
+@pytest.mark.parametrize("rows", [1, 16])
+def test_gpu_q_k_v_sums_are_one_kernel_and_no_gemm(rows: int, reduced: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On CUDA in bf16 (rank 64; q 2048, k 256 and v 256 wide: TinyLlama's attention): the
+    group's one buffer written by ``unrolled_sums``, lowered either way, is one Triton kernel and
+    no GEMM, and q rotated as RoPE reads it one more; within bf16's rounding of the float64
+    reference."""
+    from torch._inductor import config
+    from torch._inductor.utils import run_and_get_code
+
+    unrolled_expand.register()
+    monkeypatch.setattr(unrolled_expand, "REDUCED", reduced)
+    outs, rank = [2048, 256, 256], 64
+    starts = [0, 2048 + rank, 2048 + 256 + 2 * rank]
+    total = sum(outs) + 3 * rank
+    gen = torch.Generator().manual_seed(rows)
+    yh = torch.randn(rows, total, generator=gen, dtype=torch.float64).bfloat16().double()
+    bt = (torch.randn(rank, total, generator=gen, dtype=torch.float64) / 8).bfloat16().double()
+    want = yh.clone()
+    for at, n in zip(starts, outs, strict=True):
+        want[:, at : at + n] += yh[:, at + n : at + n + rank] @ bt[:, at : at + n]
+    q = want[:, :2048]
+    want = q * 2 + torch.cat([-q[:, 1024:], q[:, :1024]], -1)
+
+    def rotated(yh: torch.Tensor, bt: torch.Tensor) -> torch.Tensor:
+        q = unrolled_expand.unrolled_sums(yh, bt, starts, outs)[:, :2048]
+        return q * 2 + torch.cat([-q[:, 1024:], q[:, :1024]], -1)
+
+    torch._dynamo.reset()
+    with config.patch(fx_graph_cache=False):  # no lorahot pass, whose id has the switch, runs here
+        got, code = run_and_get_code(torch.compile(rotated, fullgraph=True), yh.bfloat16().cuda(), bt.bfloat16().cuda())
+    assert float((got.double().cpu() - want).norm() / want.norm()) < 1e-2
+    assert _launches(code) == (0, 2)
+
+
 def _with_output(yh: torch.Tensor, bt: torch.Tensor, res: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     n = bt.shape[1]
     return _reader(unrolled_expand.unrolled_output(yh, bt), torch.zeros_like(yh[:, :n]), res, w)
