@@ -70,8 +70,9 @@ ENABLED = os.environ.get("LORAHOT_UNROLLED_EXPANDS", "1") == "1"
 #: compiled with static rows, cost 1.26x the base model's time with gate's and up's expands
 #: unrolled against 1.21x with the GEMMs (decode: 1.16x against 1.19x): each output element sums
 #: its ``R`` products on the CUDA cores, a cost that grows with the rows where the GEMM's does
-#: not. 16 keeps a prefill on the GEMMs and takes decode and small batches.
-ROWS = 16
+#: not. 16 keeps a prefill on the GEMMs and takes decode and small batches
+#: (``LORAHOT_UNROLLED_ROWS`` at import sets another).
+ROWS = int(os.environ.get("LORAHOT_UNROLLED_ROWS", "16"))
 
 #: The largest rank unrolled: each output element sums ``R`` products.
 RANK = 64
@@ -89,14 +90,17 @@ LONE = os.environ.get("LORAHOT_UNROLLED_LONE") == "1"
 
 #: Whether a group whose outputs are written into one buffer (``wide_groups.ONE_BUFFER``: RoPE's
 #: q/k/v) writes it with :func:`unrolled_sums` where :func:`fits`, rather than the batched GEMM
-#: expands. Off unless ``LORAHOT_UNROLLED_SUMS=1`` at import: it ran on an H100 (291 launches
-#: per decode call of the forward suite's model against the GEMM form's 379) but its time was
-#: taken only on a host too slow to show the GPU's (``benchmarks/README.md``, fifty-eighth). The
-#: expands of such a group are not unrolled member by member either: inductor realizes an
+#: expands. The expands of such a group are not unrolled member by member: inductor realizes an
 #: elementwise node of more than 100 operations as a buffer of its own, and a buffer read
 #: through the one buffer's padded views is not fused into the kernel that writes it (on an
-#: H100, q/k/v then took four kernels where the batched GEMM and the sums take two).
-SUMS = os.environ.get("LORAHOT_UNROLLED_SUMS") == "1"
+#: H100, q/k/v then took four kernels where the batched GEMM and the sums take two). With the
+#: sums (lowered as a reduction, :data:`REDUCED`) a decode call of the forward suite's model
+#: launches as many kernels as the base model's, 335 against 357 without them, and took 5.43 ms
+#: against the base model's 5.19 (1.05x) and 5.81 (1.12x) without them, on an H100, seven
+#: interleaved rounds in one process
+#: (``benchmarks/results/runs/20261207T0831-default-mode-probe-reduced-sums-84dbddf.log``). On
+#: unless ``LORAHOT_UNROLLED_SUMS=0`` at import.
+SUMS = os.environ.get("LORAHOT_UNROLLED_SUMS", "1") == "1"
 
 #: Whether a layer in no group (o, down) writes its output ``y + h @ B_s.T`` with
 #: :func:`unrolled_output` where :func:`fits`: a kernel of its own in place of the expand's
@@ -132,8 +136,8 @@ LONE_SUMS = os.environ.get("LORAHOT_UNROLLED_LONE_SUMS") == "1"
 #: it is: the SiLU product is one Triton kernel with both reductions, 357 launches per decode
 #: call either way. The forward suite's model then compiled in 75.3 s against the elementwise
 #: form's 87.3 and the base model's 48.1, and decoded in 5.18 ms against 5.08 and 4.59 (three
-#: rounds, overlapping). Off (decode first) unless ``LORAHOT_UNROLLED_REDUCED=1`` at import.
-REDUCED = os.environ.get("LORAHOT_UNROLLED_REDUCED") == "1"
+#: rounds, overlapping). On unless ``LORAHOT_UNROLLED_REDUCED=0`` at import.
+REDUCED = os.environ.get("LORAHOT_UNROLLED_REDUCED", "1") == "1"
 
 
 def fits(rows: int | torch.SymInt, rank: int) -> bool:

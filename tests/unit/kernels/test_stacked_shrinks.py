@@ -190,8 +190,8 @@ def test_install_is_idempotent_runs_a_pass_installed_before_it_and_uninstalls(
             return "before"
 
     before = Before()
-    defaults = (("ENABLED", True), ("SUMS", False), ("MEMBERS", True), ("LONE", False), ("LONE_SUMS", False))
-    for switch, value in (*defaults, ("REDUCED", False)):
+    defaults = (("ENABLED", True), ("SUMS", True), ("MEMBERS", True), ("LONE", False), ("LONE_SUMS", False))
+    for switch, value in (*defaults, ("REDUCED", True)):
         monkeypatch.setattr(unrolled_expand, switch, value)  # their defaults, whatever the environment set
     monkeypatch.setattr(wide_groups, "ACCUMULATE", False)
     inductor_config.post_grad_custom_pre_pass = before
@@ -203,40 +203,42 @@ def test_install_is_idempotent_runs_a_pass_installed_before_it_and_uninstalls(
     # the input rewrite (on by default), the routed shrinks' stacking (off by default), the wide
     # groups (on by default), their row limit, their one-buffer switch (on), the joined expands
     # at symbolic rows (off) and the accumulated expands (off), the unrolled expands (on, their
-    # row and rank limits, the one buffer's sums off, group members unrolled, lone layers not,
-    # nor summed by kernels of their own, the expands not lowered as reductions),
+    # row and rank limits, the one buffer's sums on, group members unrolled, lone layers not,
+    # nor summed by kernels of their own, the expands lowered as reductions),
     # the live wide layers' geometries, the pass before
     geometries = repr(extern_inputs.signatures())
 
     def uuid(*on: object) -> tuple[object, ...]:
         return (*on, geometries, "before")
 
-    unrolled = (True, 16, 64, False, True, False, False, False)
+    unrolled = (True, 16, 64, True, True, False, False, True)
     assert installed.uuid()[1:] == uuid(True, False, True, 512, True, False, False, *unrolled)
     monkeypatch.setattr(extern_inputs, "ENABLED", False)
     # a graph compiled without it is another graph
     assert installed.uuid()[1:] == uuid(False, False, True, 512, True, False, False, *unrolled)
     monkeypatch.setattr(unrolled_expand, "ENABLED", False)  # and so is one compiled without the unrolled expands
     assert installed.uuid()[1:] == uuid(
-        False, False, True, 512, True, False, False, False, 16, 64, False, True, False, False, False
+        False, False, True, 512, True, False, False, False, 16, 64, True, True, False, False, True
     )
     monkeypatch.setattr(unrolled_expand, "ENABLED", True)
     monkeypatch.setattr(unrolled_expand, "MEMBERS", False)  # or with only lone layers' expands unrolled
     monkeypatch.setattr(unrolled_expand, "LONE", True)
     assert installed.uuid()[1:] == uuid(
-        False, False, True, 512, True, False, False, True, 16, 64, False, False, True, False, False
+        False, False, True, 512, True, False, False, True, 16, 64, True, False, True, False, True
     )
     monkeypatch.setattr(unrolled_expand, "LONE", False)  # or with lone layers' outputs summed by kernels of their own
     monkeypatch.setattr(unrolled_expand, "LONE_SUMS", True)
     assert installed.uuid()[1:] == uuid(
-        False, False, True, 512, True, False, False, True, 16, 64, False, False, False, True, False
+        False, False, True, 512, True, False, False, True, 16, 64, True, False, False, True, True
     )
     monkeypatch.setattr(unrolled_expand, "LONE_SUMS", False)
-    monkeypatch.setattr(unrolled_expand, "REDUCED", True)  # or with the expands lowered as reductions
+    monkeypatch.setattr(unrolled_expand, "REDUCED", False)  # or with the expands elementwise
+    monkeypatch.setattr(unrolled_expand, "SUMS", False)  # and the one buffer's sums off
     assert installed.uuid()[1:] == uuid(
-        False, False, True, 512, True, False, False, True, 16, 64, False, False, False, False, True
+        False, False, True, 512, True, False, False, True, 16, 64, False, False, False, False, False
     )
-    monkeypatch.setattr(unrolled_expand, "REDUCED", False)
+    monkeypatch.setattr(unrolled_expand, "REDUCED", True)
+    monkeypatch.setattr(unrolled_expand, "SUMS", True)
     monkeypatch.setattr(unrolled_expand, "MEMBERS", True)
     monkeypatch.setattr(unrolled_expand, "LONE", False)
     monkeypatch.setattr(stacked_routed, "ENABLED", True)
