@@ -86,6 +86,8 @@ MEMBERS = os.environ.get("LORAHOT_UNROLLED_MEMBERS", "1") == "1"
 #: import: in a Llama such a layer's output is read by the residual add and RMSNorm, a reduction
 #: over the row, into whose one program per row inductor fuses the whole expand (see
 #: :data:`ENABLED`: on an H100 that made decode GPU-bound at 1.36-1.39x the base model's time).
+#: With :data:`REDUCED` (the default) such an expand is a reduction over the rank, which Triton
+#: does not fuse into RMSNorm's reduction over the row: a kernel of its own, as a GEMM is.
 LONE = os.environ.get("LORAHOT_UNROLLED_LONE") == "1"
 
 #: Whether a group whose outputs are written into one buffer (``wide_groups.ONE_BUFFER``: RoPE's
