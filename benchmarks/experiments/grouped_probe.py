@@ -94,8 +94,11 @@ too): decode 357 launches and 1.08x the base's time against ``lorahot_gemm``'s 3
 the process compiled in 171 s against 91 s. Since then ``lorahot`` takes the library's
 defaults with the switch on (gate/up's members unrolled into the SiLU product, o and down
 not), ``lorahot_all`` unrolls lone layers too (``unrolled_expand.LONE``), ``lorahot_lone``
-only lone layers' expands (o, down; ``unrolled_expand.MEMBERS`` off), ``lorahot_sums`` the
-defaults and q/k/v's one buffer written by ``unrolled_sums`` (``unrolled_expand.SUMS``). On
+only lone layers' expands (o, down; ``unrolled_expand.MEMBERS`` off). Since the sixty-third
+session the defaults write q/k/v's one buffer with ``unrolled_sums`` (``unrolled_expand.SUMS``;
+``lorahot_nosums`` without) and lower the unrolled expands as reductions over the rank
+(``unrolled_expand.REDUCED``; ``lorahot_elementwise`` without); ``lorahot_rows128`` unrolls
+them at up to 128 static rows (``unrolled_expand.ROWS``), the 128-row prefill included. On
 CUDA part ``d`` also prints each form's summed kernel time per call (the profiler's; with early
 launches a kernel waiting on the one before it counts as running). At 3bf7b52
 (``runs/20261206T1825-grouped-probe-default-lone-sums.log``, where ``lorahot`` was today's
@@ -421,7 +424,9 @@ def switches(name: str) -> None:
     unrolled_expand.ENABLED = name != "lorahot_gemm"
     unrolled_expand.MEMBERS = name != "lorahot_lone"
     unrolled_expand.LONE = name in ("lorahot_all", "lorahot_lone")
-    unrolled_expand.SUMS = name == "lorahot_sums"
+    unrolled_expand.SUMS = name != "lorahot_nosums"
+    unrolled_expand.REDUCED = name != "lorahot_elementwise"
+    unrolled_expand.ROWS = 128 if name == "lorahot_rows128" else 16
 
 
 def make(name: str, w: Any, ab: dict[str, tuple[torch.Tensor, torch.Tensor]], keep: list[Any]) -> torch.nn.Module:
