@@ -166,7 +166,7 @@ def _needs_grad(*tensors: torch.Tensor | None) -> bool:
 def _dynamic_fake(
     x: torch.Tensor, wide: torch.Tensor, a: torch.Tensor, bt: torch.Tensor, scale: torch.Tensor, fused: bool
 ) -> torch.Tensor:
-    n = bt.shape[1]
+    n = wide.shape[0] - (wide.shape[1] - x.shape[-1])
     yh = x.new_empty((row_count(x), wide.shape[0]))
     return yh[:, :n].view(*x.shape[:-1], n)
 
@@ -179,7 +179,8 @@ def _wide_linear_dynamic(
     x: torch.Tensor, wide: torch.Tensor, a: torch.Tensor, bt: torch.Tensor, scale: torch.Tensor, fused: bool
 ) -> torch.Tensor:
     refuse_grad("wide_linear_dynamic", x, wide, a, bt)
-    n, k = bt.shape[1], x.shape[-1]
+    k = x.shape[-1]
+    n = wide.shape[0] - (wide.shape[1] - k)
     x2 = as_rows(x)
     if fused and fused_kernel.worth_it(x2.shape[0], n, wide=True):
         y = x2.new_empty((x2.shape[0], wide.shape[0])).narrow(1, 0, n)
@@ -196,7 +197,9 @@ def wide_linear_dynamic(
     module docstring): where ``fused`` (the layer's fused kernel applies) and
     :func:`lorahot.kernels.lora_linear.worth_it` says so for the rows of this call, the fused
     kernel over the weight ``W`` in ``wide``, the live ``a [R, in]``, ``bt [R, out]`` and the
-    per-row ``scale [R]``; else the eager :func:`wide_linear`. One opaque operator either way,
-    its output with row stride ``out + R``; no gradient."""
+    per-row ``scale [R]``; else the eager :func:`wide_linear`, which reads ``wide`` alone (``a``,
+    ``bt`` and ``scale`` may then be any tensors: the output's width is ``wide``'s rows less
+    its padding, ``wide [out + R, in + R]``). One opaque operator either way, its output with
+    row stride ``out + R``; no gradient."""
     out: torch.Tensor = torch.ops.lorahot.wide_linear_dynamic(x, wide, a, bt, scale, fused)
     return out

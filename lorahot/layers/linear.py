@@ -631,8 +631,7 @@ def compiled_wide(
         # pass replaces by one GEMM for a wide group's members over one input and their
         # expands (a layer alone: its GEMM over [W; A] and its expand), in aten the
         # compiler launches itself (lorahot.kernels.wide_groups.expands)
-        a, b, s, _ = arena_views(layer, key, geometry)
-        return dynamic_wide(layer, x, a, b, s)
+        return per_call_wide(layer, x, key, geometry)
     if fused and not per_call:  # not replayed: the wide GEMMs (compile_mode)
         rows = _rows(x)
         if not fused_kernel.decidable(rows):  # a choice per call: the general forward's operator
@@ -700,6 +699,19 @@ def dynamic_wide(
     in the elementwise pass the compiler fuses with what follows."""
     fused = not compile_mode.launched_per_call()  # not replayed: the GEMMs alone (compile_mode)
     y = wide_kernel.wide_linear_dynamic(x, wide_input(layer), a, b, scale, fused=fused)
+    bias = layer._base.bias
+    return y if bias is None else y + bias
+
+
+def per_call_wide(layer: LoRALinear, x: torch.Tensor, key: int, geometry: tuple[Any, ...] | None) -> torch.Tensor:
+    """:func:`dynamic_wide` where the graph launches its kernels per call (default mode): the
+    operator's wide GEMMs read the wide buffer alone, so ``A``, ``B`` and the scale are passed
+    as the arena's tensors themselves, with no view. Each view the compiler traces costs it a
+    node, its fake value and its guards in every layer of every graph: tracing a layer took
+    13.6-14.7 ms with the four views on the CPU box, 7.1-8.2 ms without
+    (``benchmarks/README.md``, sixty-third session)."""
+    a, b, s, _ = layer._live if geometry is None else TENSORS[key]  # type: ignore[misc]
+    y = wide_kernel.wide_linear_dynamic(x, wide_input(layer), a, b, s, fused=False)
     bias = layer._base.bias
     return y if bias is None else y + bias
 
