@@ -708,7 +708,7 @@ def per_call_wide(layer: LoRALinear, x: torch.Tensor, key: int, geometry: tuple[
     operator's wide GEMMs read the wide buffer alone, so ``A``, ``B`` and the scale are passed
     as the arena's tensors themselves, with no view. Each view the compiler traces costs it a
     node, its fake value and its guards in every layer of every graph: tracing a layer took
-    13.6-14.7 ms with the four views on the CPU box, 7.1-8.2 ms without
+    13.6-14.7 ms more than the base layer's with the four views on the CPU box, 7.1-9.2 ms without
     (``benchmarks/README.md``, sixty-third session)."""
     a, b, s, _ = layer._live if geometry is None else TENSORS[key]  # type: ignore[misc]
     y = wide_kernel.wide_linear_dynamic(x, wide_input(layer), a, b, s, fused=False)
