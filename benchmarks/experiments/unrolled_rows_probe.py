@@ -1,0 +1,142 @@
+"""Probe: how many kernels the unrolled expands' readers take at each row count.
+
+At decode (1 and 16 rows, the GPU tests) gate's and up's expands, reduced over the rank, run
+inside the SiLU product's one Triton kernel, and q/k/v's sums are one kernel before RoPE. So a
+decode call of the forward suite's model launches what the base model's does (335). At its
+128-row prefill the expands are GEMMs (``unrolled_expand.ROWS`` is 16), and the call launches
+46 kernels more than the base's, on a host that bounds the call: 1.23x, with 1.8% more GPU time
+(sixty-third session, ``runs/20261207T0910-grouped-probe-prefill-rows128-989151b.log``). With
+``LORAHOT_UNROLLED_ROWS=128`` the forward suite's prefill did not move (1.216x), which would
+follow if Triton fused neither reader at 128 rows.
+
+For each row count (``PROBE_ROWS``, default ``1,16,128,512``) and each form (reduced over the
+rank, elementwise), in bf16 at TinyLlama's widths and rank 64, this compiles:
+
+- ``silu``: gate's and up's outputs with their unrolled expands, read by the SiLU product;
+- ``sums``: q/k/v's one buffer written by ``unrolled_sums``, q read rotated as RoPE reads it;
+
+and prints the GEMMs and generated kernels the wrapper launches, the relative error against
+float64 and the time per call (CUDA events over 200 calls after 20, median of 5).
+
+    PYTHONPATH=. python3 -m benchmarks.experiments.unrolled_rows_probe
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import statistics
+from collections.abc import Callable
+
+import torch
+
+from lorahot.kernels import unrolled_expand
+
+RANK = 64
+GATE = 5632
+QKV = [2048, 256, 256]
+
+
+def launches(code: list[str]) -> tuple[int, int]:
+    """The GEMMs and the generated kernels one call of the compiled wrapper launches."""
+    body = "\n".join(c.split("def call(", 1)[1] for c in code if "def call(" in c)
+    gemms = len(re.findall(r"extern_kernels\.\w+\(", body))
+    kernels = len(re.findall(r"\bcpp_fused_\w+\(|\btriton_\w+\.run\(", body))
+    return gemms, kernels
+
+
+def silu(yg: torch.Tensor, hg: torch.Tensor, yu: torch.Tensor, hu: torch.Tensor, bt: torch.Tensor) -> torch.Tensor:
+    g = yg + unrolled_expand.unrolled_expand(hg, bt)
+    return torch.nn.functional.silu(g) * (yu + unrolled_expand.unrolled_expand(hu, bt))
+
+
+def silu_reference(args: list[torch.Tensor]) -> torch.Tensor:
+    yg, hg, yu, hu, bt = (t.double() for t in args)
+    return torch.nn.functional.silu(yg + hg @ bt) * (yu + hu @ bt)
+
+
+def qkv_layout() -> tuple[list[int], int]:
+    starts, at = [], 0
+    for n in QKV:
+        starts.append(at)
+        at += n + RANK
+    return starts, at
+
+
+def sums(yh: torch.Tensor, bt: torch.Tensor) -> torch.Tensor:
+    starts, _ = qkv_layout()
+    q = unrolled_expand.unrolled_sums(yh, bt, starts, QKV)[:, : QKV[0]]
+    half = QKV[0] // 2
+    return q * 2 + torch.cat([-q[:, half:], q[:, :half]], -1)
+
+
+def sums_reference(args: list[torch.Tensor]) -> torch.Tensor:
+    yh, bt = (t.double() for t in args)
+    starts, _ = qkv_layout()
+    out = yh.clone()
+    for at, n in zip(starts, QKV, strict=True):
+        out[:, at : at + n] += yh[:, at + n : at + n + RANK] @ bt[:, at : at + n]
+    q, half = out[:, : QKV[0]], QKV[0] // 2
+    return q * 2 + torch.cat([-q[:, half:], q[:, :half]], -1)
+
+
+def inputs(case: str, rows: int, device: torch.device) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(rows)
+    if case == "silu":
+        shapes = [(rows, GATE), (rows, RANK), (rows, GATE), (rows, RANK), (RANK, GATE)]
+    else:
+        shapes = [(rows, qkv_layout()[1]), (RANK, qkv_layout()[1])]
+    return [(torch.randn(*s, generator=gen) / (8 if s[0] == RANK else 1)).bfloat16().to(device) for s in shapes]
+
+
+def per_call_us(fn: Callable[[], object], device: torch.device) -> float:
+    if device.type != "cuda":
+        return float("nan")
+    for _ in range(20):
+        fn()
+    times = []
+    for _ in range(5):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(200):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / 200)
+    return statistics.median(times)
+
+
+def main() -> None:
+    from torch._inductor import config
+    from torch._inductor.utils import run_and_get_code
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    unrolled_expand.register()
+    rows_list = [int(r) for r in os.environ.get("PROBE_ROWS", "1,16,128,512").split(",")]
+    cases: dict[str, tuple[Callable[..., torch.Tensor], Callable[[list[torch.Tensor]], torch.Tensor]]] = {
+        "silu": (silu, silu_reference),
+        "sums": (sums, sums_reference),
+    }
+    print(
+        f"{'case':6s} {'form':12s} {'rows':>5s} {'GEMMs':>6s} {'kernels':>8s} {'rel err':>9s} {'us/call':>8s}",
+        flush=True,
+    )
+    for case, (fn, reference) in cases.items():
+        for rows in rows_list:
+            args = inputs(case, rows, device)
+            want = reference(args)
+            for reduced in (True, False):
+                unrolled_expand.REDUCED = reduced
+                torch._dynamo.reset()
+                with config.patch(fx_graph_cache=False):
+                    compiled = torch.compile(fn, fullgraph=True)
+                    got, code = run_and_get_code(compiled, *args)
+                err = float((got.double().cpu() - want.cpu()).norm() / want.norm())
+                gemms, kernels = launches(code)
+                us = per_call_us(lambda c=compiled, a=args: c(*a), device)  # type: ignore[misc]
+                form = "reduced" if reduced else "elementwise"
+                print(f"{case:6s} {form:12s} {rows:5d} {gemms:6d} {kernels:8d} {err:9.2e} {us:8.1f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
