@@ -356,11 +356,13 @@ def expands(x: torch.Tensor, wide: torch.Tensor, outs: list[int], *, one_buffer:
         return [unrolled.unrolled_output(yh, bt[:, : outs[0]]).view(*lead, outs[0])]
     unroll = few and (unrolled.MEMBERS if len(outs) > 1 else unrolled.LONE)
     parts = _unrolled(yh, bt, outs, at, r) if unroll else _expands(yh, bt, outs, at, r, rows)
-    ds = [d[c] for d, _, _ in parts for c in range(d.shape[0])]
+    ds = [d if d.dim() == 2 else d[c] for d, _, _ in parts for c in range(1 if d.dim() == 2 else d.shape[0])]
     return [(yh[:, i : i + o] + d).view(*lead, o) for i, o, d in zip(at, outs, ds, strict=True)]
 
 
-#: expands of members evenly spaced in the group: ``([count, rows, n], first column, spacing)``
+#: expands of members evenly spaced in the group: ``([count, rows, n], first column, spacing)``;
+#: an unrolled member's ``[rows, n]`` alone (no unit dimension added and taken away: each view is
+#: a node the compiler fakes and lowers, in every layer)
 _Part = tuple[torch.Tensor, int, int]
 
 
@@ -379,6 +381,9 @@ def _expands(yh: torch.Tensor, bt: torch.Tensor, outs: list[int], at: list[int],
             return [(d[j : j + 1, :, i : i + o], i, o + r) for j, (i, o) in enumerate(zip(at, outs, strict=True))]
         first = yh[:, outs[0] : outs[0] + r] @ bt[:, : outs[0]]
         return [(first[None], 0, outs[0] + r), (_evenly_spaced(yh, bt, at[1], m - 1, n, r), at[1], n + r)]
+    # a GEMM's expand keeps its unit dimension: without it the compiler's post-grad patterns fold
+    # ``y + h @ B_s.T`` into an addmm, whose copy of ``y`` into the output is a kernel of its own on
+    # CUDA (thirty-seventh session), and the addition is no longer fused into the output's reader
     return [((yh[:, i + o : i + o + r] @ bt[:, i : i + o])[None], i, o + r) for i, o in zip(at, outs, strict=True)]
 
 
@@ -411,15 +416,17 @@ def _unrolled(yh: torch.Tensor, bt: torch.Tensor, outs: list[int], at: list[int]
     """Every member's expand as :func:`lorahot.kernels.unrolled_expand.unrolled_expand`, an
     elementwise node the compiler computes inside what reads the member's output: no launch."""
     return [
-        (unrolled.unrolled_expand(yh[:, i + o : i + o + r], bt[:, i : i + o])[None], i, o + r)
+        (unrolled.unrolled_expand(yh[:, i + o : i + o + r], bt[:, i : i + o]), i, o + r)
         for i, o in zip(at, outs, strict=True)
     ]
 
 
 def _placed(d: torch.Tensor, start: int, gap: int, total: int) -> torch.Tensor:
-    """The expands ``d [count, rows, n]`` of members whose columns begin at ``start`` and every
-    ``gap`` after it, placed in a ``[rows, total]`` of zeros (pads, which the compiler reads as
-    masked loads)."""
+    """The expands ``d [count, rows, n]`` (or one member's ``[rows, n]``) of members whose
+    columns begin at ``start`` and every ``gap`` after it, placed in a ``[rows, total]`` of zeros
+    (pads, which the compiler reads as masked loads)."""
+    if d.dim() == 2:
+        d = d.unsqueeze(0)
     count, rows, n = d.shape
     spread = torch.nn.functional.pad(d.transpose(0, 1), (0, gap - n)).reshape(rows, count * gap)
     return torch.nn.functional.pad(spread, (start, total - start - count * gap))
