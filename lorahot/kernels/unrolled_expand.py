@@ -50,7 +50,7 @@ __all__ = [
 #: Whether :func:`fits` takes the unrolled form at all (read when a graph is compiled), for the
 #: layers :data:`MEMBERS`, :data:`LONE` and :data:`SUMS` let through: by default gate's and
 #: up's expands, read by the SiLU product (an elementwise kernel with its programs across the
-#: columns). On unless ``LORAHOT_UNROLLED_EXPANDS=0`` at import. Measured on an H200
+#: columns), and q/k/v's one buffer (:data:`SUMS`). On unless ``LORAHOT_UNROLLED_EXPANDS=0`` at import. Measured on an H200
 #: (``benchmarks/README.md``, fifty-ninth session, ``benchmarks/experiments/default_mode_probe.py``,
 #: the forward suite's model, 154 rank-64 layers, one decode row, 7 interleaved rounds in one
 #: process): 4.96 ms per decode call against the GEMM expands' 5.32 and the base model's 4.37
