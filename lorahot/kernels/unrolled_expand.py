@@ -48,21 +48,22 @@ __all__ = [
 ]
 
 #: Whether :func:`fits` takes the unrolled form at all (read when a graph is compiled), for the
-#: layers :data:`MEMBERS`, :data:`LONE` and :data:`SUMS` let through: by default gate's and
-#: up's expands, read by the SiLU product (an elementwise kernel with its programs across the
-#: columns), and q/k/v's one buffer (:data:`SUMS`). On unless ``LORAHOT_UNROLLED_EXPANDS=0`` at import. Measured on an H200
-#: (``benchmarks/README.md``, fifty-ninth session, ``benchmarks/experiments/default_mode_probe.py``,
-#: the forward suite's model, 154 rank-64 layers, one decode row, 7 interleaved rounds in one
-#: process): 4.96 ms per decode call against the GEMM expands' 5.32 and the base model's 4.37
-#: (1.13x against 1.22x), 357 launches against 379 and 184 allocations against 206. o's and
-#: down's (:data:`LONE`) are not: on an H100 (fifty-seventh and fifty-eighth sessions) they cost
-#: the host 4.8 ms per call against the base model's 4.7 (the GEMM expands: 6.1), but 6.6-6.8 ms
-#: synced against 4.9: the GPU became the bound. Inductor computes an expand read by the
-#: residual add and RMSNorm inside that row's reduction kernel, one program per row, so at
-#: decode one program streams the whole ``B`` and sums every column's ``R`` products, twice (the
-#: looped reduction's two passes). Compile time grows: inductor generates code for every
-#: unrolled node, once per layer, where a GEMM is one extern call (the model above: 75 s
-#: against 66 for the GEMM expands; with o's and down's too, 72 s against 27 on one core).
+#: layers :data:`MEMBERS`, :data:`LONE` and :data:`SUMS` let through: by default gate's and up's
+#: expands, read by the SiLU product (an elementwise kernel with its programs across the
+#: columns), and q/k/v's one buffer (:data:`SUMS`). On unless ``LORAHOT_UNROLLED_EXPANDS=0`` at
+#: import. Measured on an H200 (``benchmarks/README.md``, fifty-ninth session,
+#: ``benchmarks/experiments/default_mode_probe.py``, the forward suite's model, 154 rank-64
+#: layers, one decode row, 7 interleaved rounds in one process): 4.96 ms per decode call against
+#: the GEMM expands' 5.32 and the base model's 4.37 (1.13x against 1.22x), 357 launches against
+#: 379 and 184 allocations against 206. o's and down's (:data:`LONE`) are not: on an H100
+#: (fifty-seventh and fifty-eighth sessions) they cost the host 4.8 ms per call against the base
+#: model's 4.7 (the GEMM expands: 6.1), but 6.6-6.8 ms synced against 4.9: the GPU became the
+#: bound. Inductor computes an expand read by the residual add and RMSNorm inside that row's
+#: reduction kernel, one program per row, so at decode one program streams the whole ``B`` and
+#: sums every column's ``R`` products, twice (the looped reduction's two passes). Compile time
+#: grows: inductor generates code for every unrolled node, once per layer, where a GEMM is one
+#: extern call (the model above: 75 s against 66 for the GEMM expands; with o's and down's too,
+#: 72 s against 27 on one core).
 ENABLED = os.environ.get("LORAHOT_UNROLLED_EXPANDS", "1") == "1"
 
 #: The most rows (known statically: a symbolic row count keeps the GEMM, with no guard) whose

@@ -422,11 +422,9 @@ def _unrolled(yh: torch.Tensor, bt: torch.Tensor, outs: list[int], at: list[int]
 
 
 def _placed(d: torch.Tensor, start: int, gap: int, total: int) -> torch.Tensor:
-    """The expands ``d [count, rows, n]`` (or one member's ``[rows, n]``) of members whose
-    columns begin at ``start`` and every ``gap`` after it, placed in a ``[rows, total]`` of zeros
-    (pads, which the compiler reads as masked loads)."""
-    if d.dim() == 2:
-        d = d.unsqueeze(0)
+    """The expands ``d [count, rows, n]`` of members whose columns begin at ``start`` and every
+    ``gap`` after it, placed in a ``[rows, total]`` of zeros (pads, which the compiler reads as
+    masked loads)."""
     count, rows, n = d.shape
     spread = torch.nn.functional.pad(d.transpose(0, 1), (0, gap - n)).reshape(rows, count * gap)
     return torch.nn.functional.pad(spread, (start, total - start - count * gap))
