@@ -356,7 +356,8 @@ def expands(x: torch.Tensor, wide: torch.Tensor, outs: list[int], *, one_buffer:
         return [unrolled.unrolled_output(yh, bt[:, : outs[0]]).view(*lead, outs[0])]
     unroll = few and (unrolled.MEMBERS if len(outs) > 1 else unrolled.LONE)
     parts = _unrolled(yh, bt, outs, at, r) if unroll else _expands(yh, bt, outs, at, r, rows)
-    ds = [d if d.dim() == 2 else d[c] for d, _, _ in parts for c in range(1 if d.dim() == 2 else d.shape[0])]
+    # the unrolled parts are one member's [rows, n] each; the GEMMs' [count, rows, n]
+    ds = [d for d, _, _ in parts] if unroll else [d[c] for d, _, _ in parts for c in range(d.shape[0])]
     return [(yh[:, i : i + o] + d).view(*lead, o) for i, o, d in zip(at, outs, ds, strict=True)]
 
 

@@ -103,7 +103,7 @@ def wide_linear(
     if torch.compiler.is_compiling() or _needs_grad(x, wide, bias):
         return traced(x, wide, bias, a, shifted)
     k = x.shape[-1]
-    n = wide.shape[0] - (wide.shape[1] - k)
+    n = _out_width(wide, k)
     y = _in_place(as_rows(x), wide, n, k)
     if bias is not None:
         y.add_(bias)
@@ -120,7 +120,7 @@ def traced(
     shrink reads ``a`` only where ``shifted`` says it holds the shifted rows (the runtime's
     contiguous copy of them, which those passes match); else the buffer's own."""
     k = x.shape[-1]
-    n = wide.shape[0] - (wide.shape[1] - k)
+    n = _out_width(wide, k)
     x2 = as_rows(x)
     if a is None or a.dtype != wide.dtype or (wide.dtype in SHIFTED_DTYPES and not shifted):
         a = wide[n:, :k]  # a move of the model converted the buffer, not the arena; or the shifted rows
@@ -157,6 +157,11 @@ def _in_place(x2: torch.Tensor, wide: torch.Tensor, n: int, k: int) -> torch.Ten
     return yh.narrow(1, 0, n).addmm_(yh.narrow(1, n, r), wide.narrow(0, 0, n).narrow(1, k, r).t())
 
 
+def _out_width(wide: torch.Tensor, k: int) -> int:
+    """The output width ``out`` of a wide buffer ``[out + R, in + R]`` read by inputs ``k = in`` wide."""
+    return wide.shape[0] - (wide.shape[1] - k)
+
+
 def _needs_grad(*tensors: torch.Tensor | None) -> bool:
     """Whether autograd records this call: an in-place write into ``yh`` would then overwrite
     the ``h`` its backward needs."""
@@ -166,7 +171,7 @@ def _needs_grad(*tensors: torch.Tensor | None) -> bool:
 def _dynamic_fake(
     x: torch.Tensor, wide: torch.Tensor, a: torch.Tensor, bt: torch.Tensor, scale: torch.Tensor, fused: bool
 ) -> torch.Tensor:
-    n = wide.shape[0] - (wide.shape[1] - x.shape[-1])
+    n = _out_width(wide, x.shape[-1])
     yh = x.new_empty((row_count(x), wide.shape[0]))
     return yh[:, :n].view(*x.shape[:-1], n)
 
@@ -180,7 +185,7 @@ def _wide_linear_dynamic(
 ) -> torch.Tensor:
     refuse_grad("wide_linear_dynamic", x, wide, a, bt)
     k = x.shape[-1]
-    n = wide.shape[0] - (wide.shape[1] - k)
+    n = _out_width(wide, k)
     x2 = as_rows(x)
     if fused and fused_kernel.worth_it(x2.shape[0], n, wide=True):
         y = x2.new_empty((x2.shape[0], wide.shape[0])).narrow(1, 0, n)

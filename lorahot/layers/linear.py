@@ -630,8 +630,13 @@ def compiled_wide(
         # default mode, rows where launches bound a step: the operator, which the grouping
         # pass replaces by one GEMM for a wide group's members over one input and their
         # expands (a layer alone: its GEMM over [W; A] and its expand), in aten the
-        # compiler launches itself (lorahot.kernels.wide_groups.expands)
-        return per_call_wide(layer, x, key, geometry)
+        # compiler launches itself (lorahot.kernels.wide_groups.expands). Those GEMMs read the
+        # wide buffer alone, so A, B and the scale go in as the arena's tensors, unviewed: each
+        # view traced is a node, a fake value and guards in every layer of every graph (a
+        # layer's trace took 13.6-14.7 ms over the base layer's with the four views on the CPU
+        # box, 7.1-9.2 ms without: benchmarks/README.md, sixty-third session)
+        a, b, s, _ = layer._live if geometry is None else TENSORS[key]  # type: ignore[misc]
+        return dynamic_wide(layer, x, a, b, s, fused=False)
     if fused and not per_call:  # not replayed: the wide GEMMs (compile_mode)
         rows = _rows(x)
         if not fused_kernel.decidable(rows):  # a choice per call: the general forward's operator
@@ -692,26 +697,20 @@ def compiled_routed(
 
 
 def dynamic_wide(
-    layer: LoRALinear, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor
+    layer: LoRALinear,
+    x: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    scale: torch.Tensor,
+    fused: bool | None = None,
 ) -> torch.Tensor:
     """The fused kernel or the wide GEMMs, whichever pays for the rows of each call, chosen at
     run time inside the operator ``lorahot::wide_linear_dynamic``; the bias added outside it,
-    in the elementwise pass the compiler fuses with what follows."""
-    fused = not compile_mode.launched_per_call()  # not replayed: the GEMMs alone (compile_mode)
+    in the elementwise pass the compiler fuses with what follows. ``fused`` None: the kernel is
+    a candidate unless the graph launches per call (the caller may know already: False)."""
+    if fused is None:
+        fused = not compile_mode.launched_per_call()  # not replayed: the GEMMs alone (compile_mode)
     y = wide_kernel.wide_linear_dynamic(x, wide_input(layer), a, b, scale, fused=fused)
-    bias = layer._base.bias
-    return y if bias is None else y + bias
-
-
-def per_call_wide(layer: LoRALinear, x: torch.Tensor, key: int, geometry: tuple[Any, ...] | None) -> torch.Tensor:
-    """:func:`dynamic_wide` where the graph launches its kernels per call (default mode): the
-    operator's wide GEMMs read the wide buffer alone, so ``A``, ``B`` and the scale are passed
-    as the arena's tensors themselves, with no view. Each view the compiler traces costs it a
-    node, its fake value and its guards in every layer of every graph: tracing a layer took
-    13.6-14.7 ms more than the base layer's with the four views on the CPU box, 7.1-9.2 ms without
-    (``benchmarks/README.md``, sixty-third session)."""
-    a, b, s, _ = layer._live if geometry is None else TENSORS[key]  # type: ignore[misc]
-    y = wide_kernel.wide_linear_dynamic(x, wide_input(layer), a, b, s, fused=False)
     bias = layer._base.bias
     return y if bias is None else y + bias
 
