@@ -15,8 +15,17 @@ rank, elementwise), in bf16 at TinyLlama's widths and rank 64, this compiles:
 - ``silu``: gate's and up's outputs with their unrolled expands, read by the SiLU product;
 - ``sums``: q/k/v's one buffer written by ``unrolled_sums``, q read rotated as RoPE reads it;
 
-and prints the GEMMs and generated kernels the wrapper launches, the relative error against
-float64 and the time per call (CUDA events over 200 calls after 20, median of 5).
+- ``lone``: o's output with its unrolled expand, added to the residual and read by RMSNorm (a
+  reduction over the row, one program per row), against ``lone_gemm`` (the expand a GEMM, as
+  o's and down's are by default) and ``lone_base`` (no LoRA);
+
+each with ``B_s.T`` laid out as the layers hold it (``wide``: a transposed view of the wide
+buffer's B columns, whose elements along an output row lie ``in + R`` apart) and contiguous
+(``dense``), and prints the GEMMs and generated kernels the wrapper launches, the relative
+error against float64 and the time per call (CUDA events over 200 calls after 20, median of 5).
+The question for ``lone``: whether an elementwise expand inside RMSNorm's one program per row
+(which made decode GPU-bound on an H100, fifty-seventh session) is slow for its arithmetic or
+for reading ``B_s.T`` across its strided layout.
 
     PYTHONPATH=. python3 -m benchmarks.experiments.unrolled_rows_probe
 """
@@ -35,6 +44,8 @@ from lorahot.kernels import unrolled_expand
 RANK = 64
 GATE = 5632
 QKV = [2048, 256, 256]
+HIDDEN = 2048
+EPS = 1e-5
 
 
 def launches(code: list[str]) -> tuple[int, int]:
@@ -53,6 +64,33 @@ def silu(yg: torch.Tensor, hg: torch.Tensor, yu: torch.Tensor, hu: torch.Tensor,
 def silu_reference(args: list[torch.Tensor]) -> torch.Tensor:
     yg, hg, yu, hu, bt = (t.double() for t in args)
     return torch.nn.functional.silu(yg + hg @ bt) * (yu + hu @ bt)
+
+
+def lone(r: torch.Tensor, y: torch.Tensor, h: torch.Tensor, bt: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    z = (r + (y + unrolled_expand.unrolled_expand(h, bt))).float()
+    return (z * torch.rsqrt(z.pow(2).mean(-1, keepdim=True) + EPS)).bfloat16() * w
+
+
+def lone_gemm(r: torch.Tensor, y: torch.Tensor, h: torch.Tensor, bt: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    z = (r + (y + (h @ bt)[None])[0]).float()
+    return (z * torch.rsqrt(z.pow(2).mean(-1, keepdim=True) + EPS)).bfloat16() * w
+
+
+def lone_base(r: torch.Tensor, y: torch.Tensor, h: torch.Tensor, bt: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    z = (r + y).float()
+    return (z * torch.rsqrt(z.pow(2).mean(-1, keepdim=True) + EPS)).bfloat16() * w
+
+
+def lone_reference(args: list[torch.Tensor]) -> torch.Tensor:
+    r, y, h, bt, w = (t.double() for t in args)
+    z = r + y + h @ bt
+    return z * torch.rsqrt(z.pow(2).mean(-1, keepdim=True) + EPS) * w
+
+
+def lone_base_reference(args: list[torch.Tensor]) -> torch.Tensor:
+    r, y, _, _, w = (t.double() for t in args)
+    z = r + y
+    return z * torch.rsqrt(z.pow(2).mean(-1, keepdim=True) + EPS) * w
 
 
 def qkv_layout() -> tuple[list[int], int]:
@@ -80,13 +118,26 @@ def sums_reference(args: list[torch.Tensor]) -> torch.Tensor:
     return q * 2 + torch.cat([-q[:, half:], q[:, :half]], -1)
 
 
-def inputs(case: str, rows: int, device: torch.device) -> list[torch.Tensor]:
+def inputs(case: str, rows: int, device: torch.device, layout: str) -> list[torch.Tensor]:
+    """The case's arguments; ``B_s.T`` (the ``[RANK, n]`` one) as ``layout`` says."""
     gen = torch.Generator().manual_seed(rows)
     if case == "silu":
         shapes = [(rows, GATE), (rows, RANK), (rows, GATE), (rows, RANK), (RANK, GATE)]
-    else:
+    elif case == "sums":
         shapes = [(rows, qkv_layout()[1]), (RANK, qkv_layout()[1])]
-    return [(torch.randn(*s, generator=gen) / (8 if s[0] == RANK else 1)).bfloat16().to(device) for s in shapes]
+    else:
+        shapes = [(rows, HIDDEN), (rows, HIDDEN), (rows, RANK), (RANK, HIDDEN), (HIDDEN,)]
+    made = [(torch.randn(*s, generator=gen) / (8 if s[0] == RANK else 1)).bfloat16().to(device) for s in shapes]
+    if layout == "wide":  # B_s.T as a view of a [n, in + R] buffer's last R columns
+        made = [_as_wide(t) if t.shape[0] == RANK and t.dim() == 2 else t for t in made]
+    return made
+
+
+def _as_wide(bt: torch.Tensor) -> torch.Tensor:
+    n = bt.shape[1]
+    buffer = torch.zeros(n, HIDDEN + RANK, dtype=bt.dtype, device=bt.device)
+    buffer[:, HIDDEN:] = bt.t()
+    return buffer[:, HIDDEN:].t()
 
 
 def per_call_us(fn: Callable[[], object], device: torch.device) -> float:
@@ -116,26 +167,37 @@ def main() -> None:
     cases: dict[str, tuple[Callable[..., torch.Tensor], Callable[[list[torch.Tensor]], torch.Tensor]]] = {
         "silu": (silu, silu_reference),
         "sums": (sums, sums_reference),
+        "lone": (lone, lone_reference),
+        "lone_gemm": (lone_gemm, lone_reference),
+        "lone_base": (lone_base, lone_base_reference),
     }
+    chosen = os.environ.get("PROBE_CASES", ",".join(cases)).split(",")
     print(
-        f"{'case':6s} {'form':12s} {'rows':>5s} {'GEMMs':>6s} {'kernels':>8s} {'rel err':>9s} {'us/call':>8s}",
+        f"{'case':9s} {'layout':6s} {'form':12s} {'rows':>5s} {'GEMMs':>6s} {'kernels':>8s} {'rel err':>9s} "
+        f"{'us/call':>8s}",
         flush=True,
     )
-    for case, (fn, reference) in cases.items():
+    for case in chosen:
+        fn, reference = cases[case]
+        unrolls = case in ("silu", "sums", "lone")
         for rows in rows_list:
-            args = inputs(case, rows, device)
-            want = reference(args)
-            for reduced in (True, False):
-                unrolled_expand.REDUCED = reduced
-                torch._dynamo.reset()
-                with config.patch(fx_graph_cache=False):
-                    compiled = torch.compile(fn, fullgraph=True)
-                    got, code = run_and_get_code(compiled, *args)
-                err = float((got.double().cpu() - want.cpu()).norm() / want.norm())
-                gemms, kernels = launches(code)
-                us = per_call_us(lambda c=compiled, a=args: c(*a), device)  # type: ignore[misc]
-                form = "reduced" if reduced else "elementwise"
-                print(f"{case:6s} {form:12s} {rows:5d} {gemms:6d} {kernels:8d} {err:9.2e} {us:8.1f}", flush=True)
+            for layout in ("wide", "dense") if case != "lone_base" else ("dense",):
+                args = inputs(case.split("_")[0], rows, device, layout)
+                want = reference(args)
+                for reduced in (True, False) if unrolls else (True,):
+                    unrolled_expand.REDUCED = reduced
+                    torch._dynamo.reset()
+                    with config.patch(fx_graph_cache=False):
+                        compiled = torch.compile(fn, fullgraph=True)
+                        got, code = run_and_get_code(compiled, *args)
+                    err = float((got.double().cpu() - want.cpu()).norm() / want.norm())
+                    gemms, kernels = launches(code)
+                    us = per_call_us(lambda c=compiled, a=args: c(*a), device)  # type: ignore[misc]
+                    form = ("reduced" if reduced else "elementwise") if unrolls else "-"
+                    print(
+                        f"{case:9s} {layout:6s} {form:12s} {rows:5d} {gemms:6d} {kernels:8d} {err:9.2e} {us:8.1f}",
+                        flush=True,
+                    )
 
 
 if __name__ == "__main__":
