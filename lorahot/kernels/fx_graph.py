@@ -107,6 +107,7 @@ def splice(
     fake: Any,
     memo: dict[Any, torch.fx.Graph] | None = None,
     key: Any = None,
+    own_values: bool = True,
 ) -> list[torch.fx.Node]:
     """``fn`` traced to aten on the fake values of ``args`` (in the graph's fake mode ``fake``,
     with inductor's decompositions, symbolic sizes read from the inputs), its nodes copied into
@@ -117,7 +118,9 @@ def splice(
     strides, offsets, dtypes, devices) and copied again for later calls: tracing costs tens of
     milliseconds, which the UNet's 70 lowered groups paid each (:mod:`lorahot.kernels.wide_groups`).
     Each copy's nodes get fake values of their own (:func:`set_fake_values`), never the first
-    copy's: inductor's passes read a node's storage from its value."""
+    copy's: inductor's passes read a node's storage from its value. Without ``own_values`` they keep
+    the trace's (right in shape and layout), for a caller whose graph is fake-run again before
+    any pass reads a storage (:func:`lorahot.kernels.wide_groups.lower_early`)."""
     values = [a.meta["val"] for a in args]
     memo_key = (key, *(_metadata(v) for v in values))
     traced = None if memo is None else memo.get(memo_key)
@@ -134,7 +137,7 @@ def splice(
     inputs = [n for n in traced.nodes if n.op == "placeholder"]
     copies: dict[torch.fx.Node, torch.fx.Node] = dict(zip(inputs, args, strict=True))
     out = graph.graph_copy(traced, copies)
-    if not fresh:
+    if own_values and not fresh:
         set_fake_values(fake, [copies[n] for n in traced.nodes if n.op == "call_function"])
     return list(out)  # type: ignore[arg-type]
 

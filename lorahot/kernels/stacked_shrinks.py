@@ -35,11 +35,14 @@ whose input the compiler would have to copy into ``[x | h]`` (attention's output
 the formula without that buffer.
 
 :func:`install` puts the pass in inductor's ``post_grad_custom_pre_pass`` (beside a pass
-already there, which runs first); :func:`lorahot.inject` installs it when it binds layers, and
-:func:`uninstall` takes it out again (for graphs compiled from then on, until the next inject). It
-rewrites only ``mm`` nodes of that exact form over graph inputs, so a graph without lorahot's
-layers passes through unchanged; its ``uuid`` (a hash of this file and of the pass before it)
-keeps inductor's cache of compiled graphs valid.
+already there, which runs first), and :class:`JointLowering` (the default-mode lowering of
+:mod:`lorahot.kernels.wide_groups`, which is best done before the post-grad passes: see
+:func:`~lorahot.kernels.wide_groups.lower_early`) in its ``joint_custom_post_pass``;
+:func:`lorahot.inject` installs them when it binds layers, and :func:`uninstall` takes them out
+again (for graphs compiled from then on, until the next inject). They rewrite only nodes of
+lorahot's forms over graph inputs, so a graph without lorahot's layers passes through
+unchanged; their ``uuid`` (a hash of these files and of the passes before them) keeps
+inductor's cache of compiled graphs valid.
 """
 
 from __future__ import annotations
@@ -62,7 +65,7 @@ from lorahot.kernels.fx_graph import (
     source,
 )
 
-__all__ = ["StackShrinks", "install", "uninstall", "stack_shrinks"]
+__all__ = ["JointLowering", "StackShrinks", "install", "uninstall", "stack_shrinks"]
 
 _aten = torch.ops.aten
 
@@ -120,6 +123,7 @@ class StackShrinks(CustomGraphPass):
             wide_groups.ONE_BUFFER,
             wide_groups.JOIN_SYMBOLIC,
             wide_groups.ACCUMULATE,
+            wide_groups.EARLY,
             unrolled_expand.ENABLED,
             unrolled_expand.ROWS,
             unrolled_expand.RANK,
@@ -132,21 +136,41 @@ class StackShrinks(CustomGraphPass):
         return (get_hash_for_files(files), *on, repr(extern_inputs.signatures()), *earlier)
 
 
+class JointLowering(StackShrinks):
+    """The default-mode lowering of the wide layers' operators
+    (:func:`lorahot.kernels.wide_groups.lower_early`), after ``before`` (what inductor's
+    ``joint_custom_post_pass`` held when it was installed), with :class:`StackShrinks`' id: it
+    runs in inductor's joint-graph passes, which every graph it compiles goes through, before
+    the fake propagation that precedes the post-grad passes. Nothing else runs there: the
+    rewrites of :class:`StackShrinks` keep their place."""
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        for earlier in self._before():
+            earlier(graph)
+        wide_groups.lower_early(graph)
+
+
 def install() -> None:
-    """Puts :class:`StackShrinks` in inductor's post-grad passes, once (a pass already there
-    keeps running, before it)."""
+    """Puts :class:`StackShrinks` in inductor's post-grad passes and :class:`JointLowering` in
+    its joint-graph passes, once each (a pass already there keeps running, before it)."""
     current = inductor_config.post_grad_custom_pre_pass
-    if isinstance(current, StackShrinks):
-        return
-    inductor_config.post_grad_custom_pre_pass = StackShrinks(current)
+    if not isinstance(current, StackShrinks):
+        inductor_config.post_grad_custom_pre_pass = StackShrinks(current)
+    joint = inductor_config.joint_custom_post_pass
+    if not isinstance(joint, JointLowering):
+        inductor_config.joint_custom_post_pass = JointLowering(joint)
 
 
 def uninstall() -> None:
-    """Takes :class:`StackShrinks` out of inductor's post-grad passes (the pass that was there
-    before it stays); graphs compiled from then on keep a shrink per layer."""
+    """Takes :class:`StackShrinks` and :class:`JointLowering` out of inductor's passes (the
+    passes that were there before them stay); graphs compiled from then on keep a shrink per
+    layer, and their wide layers' operators."""
     current = inductor_config.post_grad_custom_pre_pass
     if isinstance(current, StackShrinks):
         inductor_config.post_grad_custom_pre_pass = current.before
+    joint = inductor_config.joint_custom_post_pass
+    if isinstance(joint, JointLowering):
+        inductor_config.joint_custom_post_pass = joint.before
 
 
 def stack_shrinks(graph: torch.fx.Graph) -> int:

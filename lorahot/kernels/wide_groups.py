@@ -32,8 +32,9 @@ else the one GEMM and the expands. A graph without such operators passes through
 pays about 15-20 us per launch on the H200 hosts whatever it launches, and an operator's Python
 body costs more than the launches it saves (:mod:`lorahot.kernels.compile_mode`). There the
 members of a group run the same operator (``fused=False``), and the pass replaces each run by
-:func:`expands` traced to aten (:func:`lorahot.kernels.fx_graph.splice`), which the compiler
-launches from its own wrapper: one GEMM over the group's rows, then one batched GEMM for every
+:func:`expands` traced to aten (:func:`lorahot.kernels.fx_graph.splice`; in inductor's joint-graph passes, before
+the post-grad ones, where that costs the compiler least: :func:`lower_early`), which the
+compiler launches from its own wrapper: one GEMM over the group's rows, then one batched GEMM for every
 member's expand over strided views of the shrinks and of the B columns, whose additions the
 compiler fuses into what reads each output (the SiLU product), or, where a member's output is
 read at more than one place (RoPE's q and k), one kernel writes into one buffer
@@ -107,8 +108,10 @@ __all__ = [
     "JOIN_SYMBOLIC",
     "ONE_BUFFER",
     "ROWS",
+    "EARLY",
     "expands",
     "joins",
+    "lower_early",
     "wide_group",
     "group_wide_layers",
 ]
@@ -152,6 +155,10 @@ ALONE = True
 #: the separate sums into attention's input kernels itself, and one buffer cost one launch per
 #: block at small widths or nothing (``benchmarks/experiments/rope_fusion_probe.py``).
 ONE_BUFFER = True
+
+#: Whether :func:`lower_early` lowers default-mode graphs in inductor's joint-graph passes (else
+#: the post-grad pass does, as before). On unless ``LORAHOT_EARLY_LOWERING=0`` at import.
+EARLY = os.environ.get("LORAHOT_EARLY_LOWERING", "1") == "1"
 
 #: In default mode, whether each expand accumulates into its member's base output inside the
 #: batched GEMM that computes it (``baddbmm``, ``beta = 1``: :func:`_accumulated`), so the GEMM
@@ -266,8 +273,35 @@ def group_wide_layers(graph: torch.fx.Graph) -> int:
     :func:`expands` in aten, which the compiler launches itself, and so does every other such
     node alone: an operator's Python body costs the host more there than the launches it
     saves. Elsewhere (CUDA graphs, where the body runs once, at capture) a run becomes one
-    ``lorahot::wide_group``."""
+    ``lorahot::wide_group``. In default mode :func:`lower_early` has lowered the operators
+    already, where it ran."""
+    return _rewrite(graph, early=False)
+
+
+def lower_early(graph: torch.fx.Graph) -> int:
+    """In default mode (and where :data:`EARLY`), what :func:`group_wide_layers` does there:
+    every ``lorahot::wide_linear_dynamic`` node becomes :func:`expands` in aten, a run over one
+    input joined; returns how many operators it removed. Elsewhere nothing. For inductor's
+    joint-graph passes (:class:`lorahot.kernels.stacked_shrinks.JointLowering`), which run
+    before the fake propagation that precedes its post-grad passes: the nodes made here get
+    their fake values there, once (until then they keep those of the trace they were copied
+    from: right in shape and layout, which is all a later trace here reads). The post-grad passes fake-run
+    again every node they did not see when they began (a pass of their own,
+    ``FakeTensorUpdater``), and then everything that reads it, to the graph's end: a node run
+    again never compares equal to its old value. Lowered there, as before, every node from the
+    first LoRA layer on was fake-run three times; here, once. On the CPU box (torch 2.13.0+cpu,
+    the forward suite's model cut to 8 blocks, small widths, the wide path forced onto the CPU,
+    caches off, a 128-row prefill, one run each): the lowering, the fake propagation and the
+    post-grad passes took 0.79 s against 1.21 s lowered after them (the base model's 0.35 s)."""
+    return _rewrite(graph, early=True) if EARLY else 0
+
+
+def _rewrite(graph: torch.fx.Graph, early: bool) -> int:
+    """:func:`group_wide_layers` (``early`` False) or :func:`lower_early` (True: only in default
+    mode, lowering alone, no fake values given)."""
     per_call = compile_mode.lowering_per_call()
+    if early and not per_call:
+        return 0
     if per_call:
         unrolled.register()  # the lowering of the expands that expands() unrolls
     order = {node: i for i, node in enumerate(graph.nodes)}  # the operators' places, for _lower
@@ -282,7 +316,9 @@ def group_wide_layers(graph: torch.fx.Graph) -> int:
 
         for run in adjacent_runs(members, follows):
             if lower:
-                removed += _lower(graph, run, alloc, cols, order, memo)
+                removed += _lower(graph, run, alloc, cols, order, memo, early)
+                continue
+            if early:
                 continue
             # the graph's order as it is now: a join before this one made nodes (a member's
             # output slice) that this run's members may read (layers over a member's output)
@@ -293,7 +329,7 @@ def group_wide_layers(graph: torch.fx.Graph) -> int:
         for node in list(graph.nodes):
             wide = node.args[1] if node.op == "call_function" and node.target is target else None
             if isinstance(wide, torch.fx.Node) and node.args[-1] is False and not _strided(node):
-                removed += _lower(graph, [(0, 0, node)], wide, None, order, memo)
+                removed += _lower(graph, [(0, 0, node)], wide, None, order, memo, early)
     return removed
 
 
@@ -338,8 +374,8 @@ def expands(x: torch.Tensor, wide: torch.Tensor, outs: list[int], *, one_buffer:
     lead = x.shape[:-1]
     rows = math.prod(lead)
     r = wide.shape[1] - k
-    yh = x.reshape(rows, k) @ wide[:, :k].t()
-    bt = wide[:, k:].t()  # [R, sum(out_i + R)]: B_s_i.T in member i's columns, zeros under the A rows
+    yh = x.reshape(rows, k) @ _columns(wide, 0, k).t()
+    bt = _columns(wide, k, r).t()  # [R, sum(out_i + R)]: B_s_i.T in member i's columns, zeros under the A rows
     at = list(itertools.accumulate([0] + [n + r for n in outs[:-1]]))
     few = unrolled.fits(rows, r)
     if ACCUMULATE and not (few and (unrolled.MEMBERS if len(outs) > 1 else unrolled.LONE)):
@@ -351,14 +387,14 @@ def expands(x: torch.Tensor, wide: torch.Tensor, outs: list[int], *, one_buffer:
             total = wide.shape[0]
             placed = [_placed(d, start, gap, total) for d, start, gap in _expands(yh, bt, outs, at, r, rows)]
             joined = torch.as_strided(yh + sum(placed[1:], placed[0]), (rows, total), (total, 1))
-        return [joined[:, i : i + o].view(*lead, o) for i, o in zip(at, outs, strict=True)]
+        return [_columns(joined, i, o).view(*lead, o) for i, o in zip(at, outs, strict=True)]
     if few and len(outs) == 1 and unrolled.LONE_SUMS and not unrolled.LONE:
-        return [unrolled.unrolled_output(yh, bt[:, : outs[0]]).view(*lead, outs[0])]
+        return [unrolled.unrolled_output(yh, _columns(bt, 0, outs[0])).view(*lead, outs[0])]
     unroll = few and (unrolled.MEMBERS if len(outs) > 1 else unrolled.LONE)
     parts = _unrolled(yh, bt, outs, at, r) if unroll else _expands(yh, bt, outs, at, r, rows)
     # the unrolled parts are one member's [rows, n] each; the GEMMs' [count, rows, n]
     ds = [d for d, _, _ in parts] if unroll else [d[c] for d, _, _ in parts for c in range(d.shape[0])]
-    return [(yh[:, i : i + o] + d).view(*lead, o) for i, o, d in zip(at, outs, ds, strict=True)]
+    return [(_columns(yh, i, o) + d).view(*lead, o) for i, o, d in zip(at, outs, ds, strict=True)]
 
 
 #: expands of members evenly spaced in the group: ``([count, rows, n], first column, spacing)``;
@@ -377,15 +413,15 @@ def _expands(yh: torch.Tensor, bt: torch.Tensor, outs: list[int], at: list[int],
         if statically_known_true(rows <= ROWS) or (JOIN_SYMBOLIC and not statically_known_true(rows > ROWS)):
             # every member against the group's B columns
             gap = n + r
-            h = yh[:, outs[0] + r - gap :].view(rows, m, gap)[..., gap - r :].transpose(0, 1)
+            h = _columns(yh, outs[0] + r - gap, m * gap).view(rows, m, gap)[..., gap - r :].transpose(0, 1)
             d = torch.bmm(h, bt.expand(m, r, bt.shape[1]))
-            return [(d[j : j + 1, :, i : i + o], i, o + r) for j, (i, o) in enumerate(zip(at, outs, strict=True))]
-        first = yh[:, outs[0] : outs[0] + r] @ bt[:, : outs[0]]
+            return [(d[j : j + 1][..., i : i + o], i, o + r) for j, (i, o) in enumerate(zip(at, outs, strict=True))]
+        first = _columns(yh, outs[0], r) @ _columns(bt, 0, outs[0])
         return [(first[None], 0, outs[0] + r), (_evenly_spaced(yh, bt, at[1], m - 1, n, r), at[1], n + r)]
     # a GEMM's expand keeps its unit dimension: without it the compiler's post-grad patterns fold
     # ``y + h @ B_s.T`` into an addmm, whose copy of ``y`` into the output is a kernel of its own on
     # CUDA (thirty-seventh session), and the addition is no longer fused into the output's reader
-    return [((yh[:, i + o : i + o + r] @ bt[:, i : i + o])[None], i, o + r) for i, o in zip(at, outs, strict=True)]
+    return [((_columns(yh, i + o, r) @ _columns(bt, i, o))[None], i, o + r) for i, o in zip(at, outs, strict=True)]
 
 
 def _accumulated(yh: torch.Tensor, bt: torch.Tensor, outs: list[int], at: list[int], r: int) -> list[torch.Tensor]:
@@ -408,8 +444,8 @@ def _accumulated_run(yh: torch.Tensor, bt: torch.Tensor, start: int, count: int,
     to back from column ``start`` of ``yh`` (``[y | h]`` each, ``n + r`` wide), their ``B_s.T``
     in the same columns of ``bt``: one ``baddbmm`` over strided views, no copy."""
     gap = n + r
-    seg = yh[:, start : start + count * gap].view(yh.shape[0], count, gap).transpose(0, 1)
-    b = bt[:, start : start + count * gap].view(r, count, gap).transpose(0, 1)[..., :n]
+    seg = _columns(yh, start, count * gap).view(yh.shape[0], count, gap).transpose(0, 1)
+    b = _columns(bt, start, count * gap).view(r, count, gap).transpose(0, 1)[..., :n]
     return torch.baddbmm(seg[..., :n], seg[..., n:], b)
 
 
@@ -417,7 +453,7 @@ def _unrolled(yh: torch.Tensor, bt: torch.Tensor, outs: list[int], at: list[int]
     """Every member's expand as :func:`lorahot.kernels.unrolled_expand.unrolled_expand`, an
     elementwise node the compiler computes inside what reads the member's output: no launch."""
     return [
-        (unrolled.unrolled_expand(yh[:, i + o : i + o + r], bt[:, i : i + o]), i, o + r)
+        (unrolled.unrolled_expand(_columns(yh, i + o, r), _columns(bt, i, o)), i, o + r)
         for i, o in zip(at, outs, strict=True)
     ]
 
@@ -436,8 +472,18 @@ def _evenly_spaced(yh: torch.Tensor, bt: torch.Tensor, start: int, count: int, n
     back to back from row ``start`` of the group: their shrinks in ``yh``'s columns and their
     ``B_s.T`` in ``bt``'s, both evenly spaced, in one batched GEMM."""
     gap = n + r
-    h = yh[:, start : start + count * gap].view(yh.shape[0], count, gap)[..., n:].transpose(0, 1)
-    return torch.bmm(h, bt[:, start : start + count * gap].view(r, count, gap).transpose(0, 1)[..., :n])
+    h = _columns(yh, start, count * gap).view(yh.shape[0], count, gap)[..., n:].transpose(0, 1)
+    return torch.bmm(h, _columns(bt, start, count * gap).view(r, count, gap).transpose(0, 1)[..., :n])
+
+
+def _columns(t: torch.Tensor, start: int, width: int) -> torch.Tensor:
+    """``t[:, start : start + width]`` as one ``slice`` of the columns, and ``t`` itself where
+    that is every column. Indexing ``t[:, a:b]`` traces a slice of every row too, which a
+    symbolic row count keeps in the graph, and inductor's post-grad passes erase a slice that
+    takes everything: each node whose input changes there is fake-run again, with everything
+    that reads it, to the graph's end (``FakeTensorUpdater``: a node run again never compares
+    equal to its old value; :func:`lower_early`)."""
+    return t if start == 0 and width == t.shape[1] else t.narrow(1, start, width)
 
 
 def _lower(
@@ -447,6 +493,7 @@ def _lower(
     cols: int | None,
     order: dict[torch.fx.Node, int],
     memo: dict[Any, torch.fx.Graph],
+    early: bool = False,
 ) -> int:
     """Replaces the run's operators by :func:`expands` over the run's rows of ``alloc`` (with
     ``cols`` columns; None: a lone operator's own buffer, ``alloc``), traced to aten in the
@@ -469,7 +516,9 @@ def _lower(
             wide = graph.call_function(_aten.as_strided.default, (alloc, size, [cols, 1], run[0][0]))
             set_fake_values(fake, (wide,))
         key = (tuple(outs), one_buffer)
-        values = splice(graph, lambda x, w: expands(x, w, outs, one_buffer=one_buffer), (x, wide), fake, memo, key)
+        values = splice(
+            graph, lambda x, w: expands(x, w, outs, one_buffer=one_buffer), (x, wide), fake, memo, key, not early
+        )
     for node, value in zip(nodes, values, strict=True):
         node.replace_all_uses_with(value)
         erase_unused(graph, node, _REMOVABLE)

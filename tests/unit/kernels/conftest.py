@@ -16,7 +16,7 @@ def fresh_compiler() -> Iterator[None]:
     tests of the compiler passes (``pytest.mark.usefixtures("fresh_compiler")``)."""
     torch._dynamo.reset()
     with (
-        inductor_config.patch(post_grad_custom_pre_pass=None, fx_graph_cache=False),
+        inductor_config.patch(post_grad_custom_pre_pass=None, joint_custom_post_pass=None, fx_graph_cache=False),
         torch._functorch.config.patch(enable_autograd_cache=False),
     ):
         yield

@@ -195,21 +195,27 @@ def test_install_is_idempotent_runs_a_pass_installed_before_it_and_uninstalls(
         monkeypatch.setattr(unrolled_expand, switch, value)  # their defaults, whatever the environment set
     monkeypatch.setattr(wide_groups, "ACCUMULATE", False)
     inductor_config.post_grad_custom_pre_pass = before
+    monkeypatch.setattr(inductor_config, "joint_custom_post_pass", before)
     stacked_shrinks.install()
     installed = inductor_config.post_grad_custom_pre_pass
+    joint = inductor_config.joint_custom_post_pass
     stacked_shrinks.install()
     assert inductor_config.post_grad_custom_pre_pass is installed
     assert isinstance(installed, stacked_shrinks.StackShrinks) and installed.before is before
+    assert inductor_config.joint_custom_post_pass is joint  # the default-mode lowering, in the joint-graph passes
+    assert isinstance(joint, stacked_shrinks.JointLowering) and joint.before is before
+    assert joint.uuid() == installed.uuid()
     # the input rewrite (on by default), the routed shrinks' stacking (off by default), the wide
     # groups (on by default), their row limit, their one-buffer switch (on), the joined expands
     # at symbolic rows (off) and the accumulated expands (off), the unrolled expands (on, their
     # row and rank limits, the one buffer's sums on, group members unrolled, lone layers not,
     # nor summed by kernels of their own, the expands lowered as reductions),
-    # the live wide layers' geometries, the pass before
+    # the live wide layers' geometries, the pass before; the default-mode lowering in the
+    # joint-graph passes (on) after the accumulated expands
     geometries = repr(extern_inputs.signatures())
 
-    def uuid(*on: object) -> tuple[object, ...]:
-        return (*on, geometries, "before")
+    def uuid(*on: object, early: bool = True) -> tuple[object, ...]:
+        return (*on[:7], early, *on[7:], geometries, "before")
 
     unrolled = (True, 16, 64, True, True, False, False, True)
     assert installed.uuid()[1:] == uuid(True, False, True, 512, True, False, False, *unrolled)
@@ -249,19 +255,23 @@ def test_install_is_idempotent_runs_a_pass_installed_before_it_and_uninstalls(
     monkeypatch.setattr(wide_groups, "JOIN_SYMBOLIC", True)
     monkeypatch.setattr(wide_groups, "ACCUMULATE", True)
     assert installed.uuid()[1:] == uuid(False, True, False, 64, False, True, True, *unrolled)
+    monkeypatch.setattr(wide_groups, "EARLY", False)  # lowered in the post-grad pass: another graph
+    assert installed.uuid()[1:] == uuid(False, True, False, 64, False, True, True, *unrolled, early=False)
     # an earlier pass without an id turns inductor's cache off, as it would on its own
     assert stacked_shrinks.StackShrinks(lambda graph: None).uuid() is None
-    assert stacked_shrinks.StackShrinks([before, before]).uuid()[17:] == ("before", "before")
+    assert stacked_shrinks.StackShrinks([before, before]).uuid()[18:] == ("before", "before")
     graph = torch.fx.Graph()
     graph.output(graph.placeholder("x"))
     installed(graph)
     assert seen == [2]
     stacked_shrinks.StackShrinks([before, before])(graph)  # a list, as inductor also takes
     assert seen == [2, 2, 2]
+    joint(graph)
+    assert seen == [2, 2, 2, 2]
     stacked_shrinks.uninstall()
-    assert inductor_config.post_grad_custom_pre_pass is before
+    assert inductor_config.post_grad_custom_pre_pass is before and inductor_config.joint_custom_post_pass is before
     stacked_shrinks.uninstall()  # nothing of ours left: a no-op
-    assert inductor_config.post_grad_custom_pre_pass is before
+    assert inductor_config.post_grad_custom_pre_pass is before and inductor_config.joint_custom_post_pass is before
 
 
 @pytest.mark.gpu

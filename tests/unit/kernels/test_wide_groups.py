@@ -123,13 +123,26 @@ class _Attention(nn.Module):
 @pytest.fixture
 def as_on_cuda(monkeypatch: pytest.MonkeyPatch, fresh_compiler: None) -> Iterator[list[int]]:
     """CPU layers widened and flagged fused as CUDA's are (the fused kernel itself never asked
-    for eagerly: the CPU has none); yields the operators the pass removed, per graph."""
+    for eagerly: the CPU has none); yields the operators the passes removed, per graph (the
+    joint-graph lowering's and the post-grad pass's, which runs after it, together)."""
     monkeypatch.setattr(wide, "DEVICE_TYPES", {"cpu", "cuda"})
     monkeypatch.setattr(linear_layer.LoRALinear, "fusable", lambda self, a: True)
     monkeypatch.setattr(linear_layer.LoRALinear, "can_fuse", lambda self, x, a: False)
     removed: list[int] = []
-    real = wide_groups.group_wide_layers
-    monkeypatch.setattr(wide_groups, "group_wide_layers", lambda graph: removed.append(real(graph)) or 0)
+    early: list[int] = []
+    real, real_early = wide_groups.group_wide_layers, wide_groups.lower_early
+
+    def lowered_early(graph: torch.fx.Graph) -> int:
+        early.append(real_early(graph))
+        return 0
+
+    def grouped(graph: torch.fx.Graph) -> int:
+        removed.append(real(graph) + sum(early))
+        early.clear()
+        return 0
+
+    monkeypatch.setattr(wide_groups, "lower_early", lowered_early)
+    monkeypatch.setattr(wide_groups, "group_wide_layers", grouped)
     yield removed
 
 
@@ -886,6 +899,48 @@ def test_in_default_mode_groups_of_one_shape_are_traced_once_each_copy_with_valu
     # q/k/v's and gate/up's batched expands, per block
     assert ops.count("aten.bmm.default") == (4 if dynamic else 0)
     assert ops.count("lorahot.unrolled_expand.default") == (0 if dynamic else 14)
+
+
+@pytest.mark.parametrize("early", [True, False], ids=["joint-graph", "negative-control"])
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "symbolic-rows"])
+def test_in_default_mode_the_post_grad_passes_fake_run_no_node_again(
+    dynamic: bool, early: bool, as_on_cuda: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two blocks in default mode, their operators lowered in inductor's joint-graph passes
+    (:func:`lorahot.kernels.wide_groups.lower_early`): the post-grad passes' fake-value updater
+    runs no node again (it reruns every node it had not seen, and all that reads it), and the
+    output equals the eager model's through a swap, with no recompile. The negative control,
+    lowered by the post-grad pass as before, has it rerun nodes."""
+    from torch._inductor import fx_utils
+
+    monkeypatch.setattr(wide_groups, "EARLY", early)
+    updated: list[int] = []
+    real = fx_utils.FakeTensorUpdater.incremental_update
+
+    def counted(self: fx_utils.FakeTensorUpdater) -> int:
+        updated.append(real(self))
+        return updated[-1]
+
+    monkeypatch.setattr(fx_utils.FakeTensorUpdater, "incremental_update", counted)
+    torch.manual_seed(0)
+    model = _Blocks().double()
+    names = [f"blocks.{i}.{n}" for i in range(2) for n in BLOCK]
+    runtime = lorahot.inject(model, names, max_rank=R, extras=False)
+    adapters = [make_adapter(model, dict.fromkeys(names, r), seed=s)[0] for r, s in ((4, 0), (8, 1))]
+    runtime.load(adapters[0])
+    compiled = torch.compile(model, dynamic=dynamic, fullgraph=True)
+    x = torch.randn(2, 5, D, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), _eager(model, x), rtol=1e-9, atol=1e-9)
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            runtime.load(adapters[1])
+            torch.testing.assert_close(compiled(x), _eager(model, x), rtol=1e-9, atol=1e-9)
+    assert as_on_cuda == [14]  # every operator lowered, one graph
+    assert updated  # the updater ran
+    if early:
+        assert sum(updated) == 0
+    else:
+        assert sum(updated) > 14
 
 
 LLAMA = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
