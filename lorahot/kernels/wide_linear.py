@@ -64,7 +64,7 @@ import torch
 
 from lorahot.kernels import lora_linear as fused_kernel
 from lorahot.kernels.op_registry import define, define_composite, refuse_grad
-from lorahot.kernels.rows import as_rows, row_count
+from lorahot.kernels.rows import as_rows
 
 __all__ = ["SHIFTED_DTYPES", "traced", "wide_linear", "wide_linear_dynamic", "wide_traced"]
 
@@ -171,9 +171,17 @@ def _needs_grad(*tensors: torch.Tensor | None) -> bool:
 def _dynamic_fake(
     x: torch.Tensor, wide: torch.Tensor, a: torch.Tensor, bt: torch.Tensor, scale: torch.Tensor, fused: bool
 ) -> torch.Tensor:
-    n = _out_width(wide, x.shape[-1])
-    yh = x.new_empty((row_count(x), wide.shape[0]))
-    return yh[:, :n].view(*x.shape[:-1], n)
+    # one allocation with the real output's layout (the first n columns of [rows, out + R],
+    # viewed with x's leading dimensions), not the three ops that make it eagerly: dynamo runs
+    # this at every layer it traces
+    n, total = _out_width(wide, x.shape[-1]), wide.shape[0]
+    lead = x.shape[:-1]
+    if not lead:
+        return x.new_empty((n,))
+    strides = [total]
+    for d in reversed(lead[1:]):
+        strides.append(strides[-1] * d)
+    return x.new_empty_strided((*lead, n), (*reversed(strides), 1))
 
 
 @define(

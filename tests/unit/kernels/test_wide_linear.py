@@ -224,14 +224,25 @@ def test_dynamic_op_matches_float64_reference_on_either_path(
 
 
 def test_dynamic_op_fake_agrees_with_the_real_output_and_refuses_gradients() -> None:
+    """The fake gives the real output's shape and strides (a view of ``[rows, out + R]``) for
+    inputs of one to four dimensions."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
     for k in (12, 0):  # 0: no inputs
         x, *_, a, bt, s, wide = _operands(20, k, 10, 4, torch.float32, "cpu", seed=7)
-        for fused in (False, True):
-            torch.library.opcheck(
-                torch.ops.lorahot.wide_linear_dynamic.default,
-                (x.reshape(4, 5, k), wide, a, bt, s, fused),
-                test_utils=("test_schema", "test_faketensor"),
-            )
+        for shape in ((4, 5, k), (20, k), (2, 2, 5, k), (k,)):
+            xs = x.reshape(*shape) if len(shape) > 1 else x[0]
+            for fused in (False, True):
+                torch.library.opcheck(
+                    torch.ops.lorahot.wide_linear_dynamic.default,
+                    (xs, wide, a, bt, s, fused),
+                    test_utils=("test_schema", "test_faketensor"),
+                )
+            real = torch.ops.lorahot.wide_linear_dynamic(xs, wide, a, bt, s, False)
+            with FakeTensorMode(allow_non_fake_inputs=True) as fake:
+                fakes = [fake.from_tensor(t) for t in (xs, wide, a, bt, s)]
+                made = torch.ops.lorahot.wide_linear_dynamic(*fakes, False)
+            assert (made.shape, made.stride()) == (real.shape, real.stride())
     with pytest.raises(RuntimeError, match="no backward"):
         wide_kernel.wide_linear_dynamic(x.requires_grad_(), wide, a, bt, s, fused=False)
 
