@@ -71,7 +71,7 @@ from lorahot.layers.base_guards import (
     unwrapped,
 )  # pickles of injected models name _BaseLoadHook and the three state-dict hooks here, where they lived
 from lorahot.layers.probes import forward_mismatch, kept_parametrizations, mismatch, probe_forward
-from lorahot.layers.recording import _compiled, _exporting, _recorded
+from lorahot.layers.recording import _compiled, _recorded
 from lorahot.layers.refusal import refuse
 from lorahot.layers.reparametrized import NoParameters, NoParametrizations, refuse_removal
 from lorahot.layers.saved_extras import saved_extras
@@ -762,9 +762,7 @@ class LoRALayer(nn.Module):
             if forward and self._dora_seen is not None:  # off for every layer without a DoRA adapter
                 return self._dora_views(live)
             return live
-        if _exporting():  # a constant when compiling: no guard, nothing traced
-            _recorded(self, "torch.export")
-        _compiled(self)  # inductor's freezing: a constant when compiling, no guard, nothing traced
+        _compiled(self)  # an export's record, inductor's freezing: constants when compiling, no guard
         key, geometry = self._plan[4:6]
         return arena_views(self, key, geometry)
 
@@ -1000,9 +998,7 @@ class LoRALayer(nn.Module):
             routed_out: torch.Tensor = self._base(x, *args, **kwargs)  # (the runtime refuses that routing)
             return routed_out
         if not extras and not args and not kwargs and torch.compiler.is_compiling():
-            if _exporting():  # a constant when compiling: no guard, nothing traced
-                _recorded(self, "torch.export")
-            _compiled(self)  # inductor's freezing (as in _views)
+            _compiled(self)  # an export's record, inductor's freezing (as in _views)
             # the common compiled cases in one call each, module functions rather than methods
             # (see _COMPILED_PATHS); only a linear layer is wide or fused
             if route is not None:  # one slot per row (a graph of its own: the compiler guards on None)

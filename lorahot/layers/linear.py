@@ -626,7 +626,8 @@ def compiled_wide(
     if _autocast_recasts(x, x.dtype):
         return None
     per_call = compile_mode.launched_per_call()
-    if per_call and (layer._plan[7] is not None or wide_groups.ALONE) and wide_groups.joins(_rows(x)):
+    group = layer._plan[7]
+    if per_call and (group is not None or wide_groups.ALONE) and wide_groups.joins(_rows(x)):
         # default mode, rows where launches bound a step: the operator, which the grouping
         # pass replaces by one GEMM for a wide group's members over one input and their
         # expands (a layer alone: its GEMM over [W; A] and its expand), in aten the
@@ -634,14 +635,17 @@ def compiled_wide(
         # wide buffer alone, so A, B and the scale go in as the arena's tensors, unviewed: each
         # view traced is a node, a fake value and guards in every layer of every graph (a
         # layer's trace took 13.6-14.7 ms over the base layer's with the four views on the CPU
-        # box, 7.1-9.2 ms without: benchmarks/README.md, sixty-third session)
+        # box, 7.1-9.2 ms without: benchmarks/README.md, sixty-third session). dynamic_wide and
+        # wide_input written out, as the checks above: each call inlined costs the trace a
+        # tracer of its own, in every layer
         a, b, s, _ = layer._live if geometry is None else TENSORS[key]  # type: ignore[misc]
-        return dynamic_wide(layer, x, a, b, s, fused=False)
+        wide = layer._buffers[WIDE_BUFFER] if group is None else TENSORS[group[0]][0].as_strided(*group[1])
+        y: torch.Tensor = torch.ops.lorahot.wide_linear_dynamic(x, wide, a, b, s, False)
+        return y if base.bias is None else y + base.bias
     if fused and not per_call:  # not replayed: the wide GEMMs (compile_mode)
         rows = _rows(x)
         if not fused_kernel.decidable(rows):  # a choice per call: the general forward's operator
             return None
-        group = layer._plan[7]
         if group is not None and not all(fused_kernel.worth_it(rows, n, wide=True) for n in group[2]):
             # a member of a wide group under CUDA graphs, at rows where the fused kernel does
             # not pay for every member: the operator, which the grouping pass joins with its

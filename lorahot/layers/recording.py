@@ -82,10 +82,14 @@ def _record(state: RuntimeState | None, key: int, what: str, how: str) -> bool:
 
 
 def _compiled(layer: LoRALayer) -> None:
-    """Tells the runtime, while ``torch.compile`` traces ``layer``'s forward, whether inductor
-    compiles that graph with ``freezing`` (:func:`lorahot.kernels.compile_mode.freezes`): it then
+    """While ``torch.compile`` or ``torch.export`` traces ``layer``'s forward: tells the runtime
+    that an export records it (:func:`_exporting`, :func:`_recorded`), and whether inductor
+    compiles the graph with ``freezing`` (:func:`lorahot.kernels.compile_mode.freezes`): it then
     folds the LoRA buffers into the compiled code as they are now, and the runtime refuses
-    every later call that writes them (:data:`~lorahot.layers.tensor_handles.FROZEN`)."""
+    every later call that writes them (:data:`~lorahot.layers.tensor_handles.FROZEN`). One
+    function, :func:`_exporting` written out: dynamo inlines each call it traces, in every layer."""
+    if (torch.compiler.is_exporting() and not torch.compiler.is_dynamo_compiling()) or _strict_export():
+        _recorded(layer, "torch.export")  # a constant when compiling: no guard, nothing traced
     _freeze(layer._plan[4])
 
 
