@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -941,6 +942,43 @@ def test_in_default_mode_the_post_grad_passes_fake_run_no_node_again(
         assert sum(updated) == 0
     else:
         assert sum(updated) > 14
+
+
+def test_in_default_mode_a_graph_from_inductor_s_caches_is_the_lowered_one(
+    as_on_cuda: list[int], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """With inductor's caches on (an empty cache directory of the test's own), a second compile
+    of the same model after ``torch._dynamo.reset()`` loads the graph the first one lowered in
+    the joint-graph passes (no pass runs again) and computes what the eager model does through
+    a swap, with no recompile."""
+    from torch._dynamo.utils import counters
+    from torch._inductor import config as inductor_config
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    torch.manual_seed(0)
+    model = _Blocks().double()
+    names = [f"blocks.{i}.{n}" for i in range(2) for n in BLOCK]
+    runtime = lorahot.inject(model, names, max_rank=R, extras=False)
+    adapters = [make_adapter(model, dict.fromkeys(names, r), seed=s)[0] for r, s in ((4, 0), (8, 1))]
+    x = torch.randn(2, 5, D, dtype=torch.float64)
+    hits = []
+    with (
+        inductor_config.patch(fx_graph_cache=True),
+        torch._functorch.config.patch(enable_autograd_cache=True),
+        torch.no_grad(),
+    ):
+        for _ in range(2):
+            torch._dynamo.reset()
+            counters.clear()
+            runtime.load(adapters[0])
+            compiled = torch.compile(model, fullgraph=True)
+            torch.testing.assert_close(compiled(x), _eager(model, x), rtol=1e-9, atol=1e-9)
+            with torch._dynamo.config.patch(error_on_recompile=True):
+                runtime.load(adapters[1])
+                torch.testing.assert_close(compiled(x), _eager(model, x), rtol=1e-9, atol=1e-9)
+            hits.append(counters["inductor"]["fxgraph_cache_hit"] + counters["aot_autograd"]["autograd_cache_hit"])
+    assert as_on_cuda == [14]  # lowered once: the second compile ran no pass
+    assert hits[0] == 0 and hits[1] >= 1
 
 
 LLAMA = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
