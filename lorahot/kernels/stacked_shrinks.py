@@ -100,10 +100,12 @@ class StackShrinks(CustomGraphPass):
     def uuid(self) -> Any:
         """This file's, :mod:`~lorahot.kernels.extern_inputs`', :mod:`~lorahot.kernels.stacked_routed`'s,
         :mod:`~lorahot.kernels.wide_groups`' and :mod:`~lorahot.kernels.fx_graph`'s hash, whether
-        the three are on (and the groups' row limit and one-buffer switch), the live wide layers'
-        geometries the extern-input rewrite matches, and the earlier passes' ids; None (no
-        caching of compiled graphs, as inductor does for such a pass) where an earlier pass has
-        no id."""
+        the three are on (and the groups' switches and limits, among them whether default mode
+        is lowered in the joint-graph passes, :data:`~lorahot.kernels.wide_groups.EARLY`), the
+        unrolled expands' switches, the live wide layers' geometries the extern-input rewrite
+        matches, and the earlier passes' ids; None (no caching of compiled graphs, as inductor
+        does for such a pass) where an earlier pass has no id. :class:`JointLowering` has the
+        same id: the two passes make one graph together."""
         earlier = [getattr(p, "uuid", lambda: None)() for p in self._before()]
         if any(u is None for u in earlier):
             return None
