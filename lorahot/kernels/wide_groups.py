@@ -461,8 +461,11 @@ def _unrolled(yh: torch.Tensor, bt: torch.Tensor, outs: list[int], at: list[int]
 def _placed(d: torch.Tensor, start: int, gap: int, total: int) -> torch.Tensor:
     """The expands ``d [count, rows, n]`` of members whose columns begin at ``start`` and every
     ``gap`` after it, placed in a ``[rows, total]`` of zeros (pads, which the compiler reads as
-    masked loads)."""
+    masked loads). One member's is one pad (three nodes fewer in the graph, each of which every
+    compiler phase after the trace handles)."""
     count, rows, n = d.shape
+    if count == 1:
+        return torch.nn.functional.pad(d[0], (start, total - start - n))
     spread = torch.nn.functional.pad(d.transpose(0, 1), (0, gap - n)).reshape(rows, count * gap)
     return torch.nn.functional.pad(spread, (start, total - start - count * gap))
 
