@@ -7,14 +7,15 @@ decode call of the forward suite's model launches what the base model's does (33
 46 kernels more than the base's, on a host that bounds the call: 1.23x, with 1.8% more GPU time
 (sixty-third session, ``runs/20261207T0910-grouped-probe-prefill-rows128-989151b.log``). With
 ``LORAHOT_UNROLLED_ROWS=128`` the forward suite's prefill did not move (1.216x), which would
-follow if Triton fused neither reader at 128 rows.
+follow if Triton fused neither reader at 128 rows. It does (H100, 1675858,
+``runs/20261207T1236-unrolled-rows-probe-1675858.log``): the SiLU product with both reduced
+expands is one kernel at 128 rows as at 1, and the sums and RoPE two at both.
 
 For each row count (``PROBE_ROWS``, default ``1,16,128,512``) and each form (reduced over the
 rank, elementwise), in bf16 at TinyLlama's widths and rank 64, this compiles:
 
 - ``silu``: gate's and up's outputs with their unrolled expands, read by the SiLU product;
 - ``sums``: q/k/v's one buffer written by ``unrolled_sums``, q read rotated as RoPE reads it;
-
 - ``lone``: o's output with its unrolled expand, added to the residual and read by RMSNorm (a
   reduction over the row, one program per row), against ``lone_gemm`` (the expand a GEMM, as
   o's and down's are by default) and ``lone_base`` (no LoRA);
@@ -22,12 +23,16 @@ rank, elementwise), in bf16 at TinyLlama's widths and rank 64, this compiles:
 each with ``B_s.T`` laid out as the layers hold it (``wide``: a transposed view of the wide
 buffer's B columns, whose elements along an output row lie ``in + R`` apart) and contiguous
 (``dense``), and prints the GEMMs and generated kernels the wrapper launches, the relative
-error against float64 and the time per call (CUDA events over 200 calls after 20, median of 5).
+error against float64 and the GPU time per call (:func:`per_call_us`: calls captured in a CUDA
+graph and replayed; until 1675858 the time of 200 calls issued from the host, which measured
+the host's 40-70 us per call and not the kernels, ``runs/20261207T1236-unrolled-rows-probe-1675858.log``).
 The question for ``lone``: whether an elementwise expand inside RMSNorm's one program per row
 (which made decode GPU-bound on an H100, fifty-seventh session) is slow for its arithmetic or
 for reading ``B_s.T`` across its strided layout.
 
-    PYTHONPATH=. python3 -m benchmarks.experiments.unrolled_rows_probe
+``PROBE_CASES`` picks the cases (default all five).
+
+    PYTHONPATH=. [PROBE_ROWS=1,128 PROBE_CASES=lone,lone_base] python3 -m benchmarks.experiments.unrolled_rows_probe
 """
 
 from __future__ import annotations
@@ -140,20 +145,38 @@ def _as_wide(bt: torch.Tensor) -> torch.Tensor:
     return buffer[:, HIDDEN:].t()
 
 
-def per_call_us(fn: Callable[[], object], device: torch.device) -> float:
+def per_call_us(fn: Callable[[], object], device: torch.device, calls: int = 50) -> float:
+    """GPU microseconds per call: ``calls`` calls captured in one CUDA graph, replayed (CUDA
+    events over 10 replays, median of 5), so that the host's cost of calling a compiled
+    function (40-70 us on the H100 hosts, more than these kernels take) is not measured. NaN
+    off CUDA, or where the capture fails (printed)."""
     if device.type != "cuda":
         return float("nan")
-    for _ in range(20):
-        fn()
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(calls):
+                fn()
+    except Exception as exc:  # a probe: say so and go on
+        print(f"  capture failed: {type(exc).__name__}: {exc}", flush=True)
+        return float("nan")
+    graph.replay()
+    torch.cuda.synchronize()
     times = []
     for _ in range(5):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        for _ in range(200):
-            fn()
+        for _ in range(10):
+            graph.replay()
         end.record()
         torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / 200)
+        times.append(start.elapsed_time(end) * 1e3 / (10 * calls))
     return statistics.median(times)
 
 
