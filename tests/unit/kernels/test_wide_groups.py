@@ -981,6 +981,26 @@ def test_in_default_mode_a_graph_from_inductor_s_caches_is_the_lowered_one(
     assert hits[0] == 0 and hits[1] >= 1
 
 
+def test_in_default_mode_a_graph_compiled_with_inductor_freezing_is_lowered_and_right(
+    as_on_cuda: list[int],
+) -> None:
+    """With inductor's ``freezing`` (its joint-graph passes run before it folds the module's
+    tensors into the code), default mode's operators are lowered there as without it, and the
+    compiled model computes what the eager model does with the adapter of its compile."""
+    from torch._inductor import config as inductor_config
+
+    torch.manual_seed(0)
+    model = _Blocks().double()
+    names = [f"blocks.{i}.{n}" for i in range(2) for n in BLOCK]
+    runtime = lorahot.inject(model, names, max_rank=R, extras=False)
+    runtime.load(make_adapter(model, dict.fromkeys(names, 4), seed=0)[0])
+    x = torch.randn(2, 5, D, dtype=torch.float64)
+    with inductor_config.patch(freezing=True), torch.no_grad():
+        compiled = torch.compile(model, fullgraph=True)
+        torch.testing.assert_close(compiled(x), _eager(model, x), rtol=1e-9, atol=1e-9)
+    assert as_on_cuda == [14]
+
+
 LLAMA = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
