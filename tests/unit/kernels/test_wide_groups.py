@@ -854,6 +854,33 @@ class _Blocks(nn.Module):
         return x
 
 
+def _blocks_injected() -> tuple[nn.Module, lorahot.LoraRuntime, list[dict[str, torch.Tensor]]]:
+    """:class:`_Blocks` in float64, lorahot on every projection, two adapters (ranks 4 and 8),
+    the first loaded."""
+    torch.manual_seed(0)
+    model = _Blocks().double()
+    names = [f"blocks.{i}.{n}" for i in range(2) for n in BLOCK]
+    runtime = lorahot.inject(model, names, max_rank=R, extras=False)
+    adapters = [make_adapter(model, dict.fromkeys(names, r), seed=s)[0] for r, s in ((4, 0), (8, 1))]
+    runtime.load(adapters[0])
+    return model, runtime, adapters
+
+
+def _compiled_through_a_swap(
+    model: nn.Module, runtime: lorahot.LoraRuntime, adapters: list[dict[str, torch.Tensor]], dynamic: bool = False
+) -> None:
+    """Compiles ``model`` in default mode (``adapters[0]`` loaded) and checks its output against
+    the eager model's, then loads ``adapters[1]`` and checks again, with no recompile."""
+    runtime.load(adapters[0])
+    compiled = torch.compile(model, dynamic=dynamic, fullgraph=True)
+    x = torch.randn(2, 5, D, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), _eager(model, x), rtol=1e-9, atol=1e-9)
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            runtime.load(adapters[1])
+            torch.testing.assert_close(compiled(x), _eager(model, x), rtol=1e-9, atol=1e-9)
+
+
 @pytest.mark.parametrize("memo", [True, False], ids=["traced-once", "negative-control"])
 @pytest.mark.parametrize("dynamic", [False, True], ids=["static", "symbolic-rows"])
 def test_in_default_mode_groups_of_one_shape_are_traced_once_each_copy_with_values_of_its_own(
@@ -878,19 +905,8 @@ def test_in_default_mode_groups_of_one_shape_are_traced_once_each_copy_with_valu
     graphs: list[torch.fx.Graph] = []
     grouped = wide_groups.group_wide_layers
     monkeypatch.setattr(wide_groups, "group_wide_layers", lambda graph: (grouped(graph), graphs.append(graph))[0])
-    torch.manual_seed(0)
-    model = _Blocks().double()
-    names = [f"blocks.{i}.{n}" for i in range(2) for n in BLOCK]
-    runtime = lorahot.inject(model, names, max_rank=R, extras=False)
-    adapters = [make_adapter(model, dict.fromkeys(names, r), seed=s)[0] for r, s in ((4, 0), (8, 1))]
-    runtime.load(adapters[0])
-    compiled = torch.compile(model, dynamic=dynamic, fullgraph=True)
-    x = torch.randn(2, 5, D, dtype=torch.float64)
-    with torch.no_grad():
-        torch.testing.assert_close(compiled(x), _eager(model, x), rtol=1e-9, atol=1e-9)
-        with torch._dynamo.config.patch(error_on_recompile=True):
-            runtime.load(adapters[1])
-            torch.testing.assert_close(compiled(x), _eager(model, x), rtol=1e-9, atol=1e-9)
+    model, runtime, adapters = _blocks_injected()
+    _compiled_through_a_swap(model, runtime, adapters, dynamic=dynamic)
     assert as_on_cuda[0] == 14  # every operator lowered
     assert len(traced) == (4 if memo else 8)
     values = [n.meta["val"] for n in graphs[0].nodes if isinstance(n.meta.get("val"), torch.Tensor)]
@@ -923,19 +939,8 @@ def test_in_default_mode_the_post_grad_passes_fake_run_no_node_again(
         return updated[-1]
 
     monkeypatch.setattr(fx_utils.FakeTensorUpdater, "incremental_update", counted)
-    torch.manual_seed(0)
-    model = _Blocks().double()
-    names = [f"blocks.{i}.{n}" for i in range(2) for n in BLOCK]
-    runtime = lorahot.inject(model, names, max_rank=R, extras=False)
-    adapters = [make_adapter(model, dict.fromkeys(names, r), seed=s)[0] for r, s in ((4, 0), (8, 1))]
-    runtime.load(adapters[0])
-    compiled = torch.compile(model, dynamic=dynamic, fullgraph=True)
-    x = torch.randn(2, 5, D, dtype=torch.float64)
-    with torch.no_grad():
-        torch.testing.assert_close(compiled(x), _eager(model, x), rtol=1e-9, atol=1e-9)
-        with torch._dynamo.config.patch(error_on_recompile=True):
-            runtime.load(adapters[1])
-            torch.testing.assert_close(compiled(x), _eager(model, x), rtol=1e-9, atol=1e-9)
+    model, runtime, adapters = _blocks_injected()
+    _compiled_through_a_swap(model, runtime, adapters, dynamic=dynamic)
     assert as_on_cuda == [14]  # every operator lowered, one graph
     assert updated  # the updater ran
     if early:
@@ -955,27 +960,13 @@ def test_in_default_mode_a_graph_from_inductor_s_caches_is_the_lowered_one(
     from torch._inductor import config as inductor_config
 
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
-    torch.manual_seed(0)
-    model = _Blocks().double()
-    names = [f"blocks.{i}.{n}" for i in range(2) for n in BLOCK]
-    runtime = lorahot.inject(model, names, max_rank=R, extras=False)
-    adapters = [make_adapter(model, dict.fromkeys(names, r), seed=s)[0] for r, s in ((4, 0), (8, 1))]
-    x = torch.randn(2, 5, D, dtype=torch.float64)
+    model, runtime, adapters = _blocks_injected()
     hits = []
-    with (
-        inductor_config.patch(fx_graph_cache=True),
-        torch._functorch.config.patch(enable_autograd_cache=True),
-        torch.no_grad(),
-    ):
+    with inductor_config.patch(fx_graph_cache=True), torch._functorch.config.patch(enable_autograd_cache=True):
         for _ in range(2):
             torch._dynamo.reset()
             counters.clear()
-            runtime.load(adapters[0])
-            compiled = torch.compile(model, fullgraph=True)
-            torch.testing.assert_close(compiled(x), _eager(model, x), rtol=1e-9, atol=1e-9)
-            with torch._dynamo.config.patch(error_on_recompile=True):
-                runtime.load(adapters[1])
-                torch.testing.assert_close(compiled(x), _eager(model, x), rtol=1e-9, atol=1e-9)
+            _compiled_through_a_swap(model, runtime, adapters)
             hits.append(counters["inductor"]["fxgraph_cache_hit"] + counters["aot_autograd"]["autograd_cache_hit"])
     assert as_on_cuda == [14]  # lowered once: the second compile ran no pass
     assert hits[0] == 0 and hits[1] >= 1
@@ -989,11 +980,7 @@ def test_in_default_mode_a_graph_compiled_with_inductor_freezing_is_lowered_and_
     compiled model computes what the eager model does with the adapter of its compile."""
     from torch._inductor import config as inductor_config
 
-    torch.manual_seed(0)
-    model = _Blocks().double()
-    names = [f"blocks.{i}.{n}" for i in range(2) for n in BLOCK]
-    runtime = lorahot.inject(model, names, max_rank=R, extras=False)
-    runtime.load(make_adapter(model, dict.fromkeys(names, 4), seed=0)[0])
+    model, _, _ = _blocks_injected()
     x = torch.randn(2, 5, D, dtype=torch.float64)
     with inductor_config.patch(freezing=True), torch.no_grad():
         compiled = torch.compile(model, fullgraph=True)
