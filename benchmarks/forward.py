@@ -61,6 +61,30 @@ def _host_ms(call: Callable[[torch.Tensor], torch.Tensor], ids: torch.Tensor, de
     return statistics.median(times)
 
 
+#: dynamo's and inductor's timed phases whose seconds each configuration's ``compile_phases_s``
+#: gives (what its preparation added to the process's totals): the trace, AOTAutograd's metadata,
+#: inductor's joint-graph passes (where lorahot lowers default mode), the fake propagation and
+#: post-grad passes after them, the lowering to inductor's IR, code generation, and the wait
+#: for the compile workers. Where the compile time goes without a probe call of its own.
+PHASES = (
+    "bytecode_tracing",
+    "aot_collect_metadata",
+    "_recursive_joint_graph_passes",
+    "additional_fake_tensor_prop",
+    "_recursive_post_grad_passes",
+    "GraphLowering.run",
+    "GraphLowering.codegen",
+    "async_compile.wait",
+)
+
+
+def _phase_seconds() -> dict[str, float]:
+    """The seconds dynamo's timers have summed in this process so far, per phase."""
+    from torch._dynamo.utils import compilation_time_metrics
+
+    return {name: sum(times) for name, times in compilation_time_metrics.items()}
+
+
 def _unique_graphs() -> int:
     return int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
 
@@ -186,11 +210,15 @@ def run(
             save(out)
 
         for name, prepare in configs.items():  # round 1 right after each compile: a cut-off run keeps it
-            t = time.perf_counter()
+            t, before = time.perf_counter(), _phase_seconds()
             call, info, keep = prepare()
             prepared[name] = (call, keep)
             results[name] = {**info, "prepare_s": round(time.perf_counter() - t, 1)}
             print(f"[forward {mode} {name} ready] {results[name]}", flush=True)
+            after = _phase_seconds()
+            phases = {k: round(after[k] - before.get(k, 0.0), 2) for k in PHASES if k in after}
+            results[name]["compile_phases_s"] = phases
+            print(f"[forward {mode} {name} compile phases, s] {phases}", flush=True)
             time_round([name], f"{name} round 1")
         for rnd in range(2, ROUNDS + 1):  # then interleaved rounds over every configuration
             time_round(list(prepared), f"round {rnd}")
