@@ -32,12 +32,13 @@ else the one GEMM and the expands. A graph without such operators passes through
 pays about 15-20 us per launch on the H200 hosts whatever it launches, and an operator's Python
 body costs more than the launches it saves (:mod:`lorahot.kernels.compile_mode`). There the
 members of a group run the same operator (``fused=False``), and the pass replaces each run by
-:func:`expands` traced to aten (:func:`lorahot.kernels.fx_graph.splice`; in inductor's joint-graph passes, before
-the post-grad ones, where that costs the compiler least: :func:`lower_early`), which the
-compiler launches from its own wrapper: one GEMM over the group's rows, then one batched GEMM for every
-member's expand over strided views of the shrinks and of the B columns, whose additions the
-compiler fuses into what reads each output (the SiLU product), or, where a member's output is
-read at more than one place (RoPE's q and k), one kernel writes into one buffer
+:func:`expands` traced to aten (:func:`lorahot.kernels.fx_graph.splice`; in inductor's
+joint-graph passes, before the post-grad ones, where that costs the compiler least:
+:func:`lower_early`), which the compiler launches from its own wrapper: one GEMM over the
+group's rows, then one batched GEMM for every member's expand over strided views of the
+shrinks and of the B columns, whose additions the compiler fuses into what reads each output
+(the SiLU product), or, where a member's output is read at more than one place (RoPE's q and
+k), one kernel writes into one buffer
 (:data:`ONE_BUFFER`). q/k/v and gate/up then cost two launches each (three with that kernel)
 where the base model spends three and two; every other such operator (a buffer apart from its
 allocation, a member over another input, and a wide layer in no group: :data:`ALONE`) becomes
@@ -317,13 +318,11 @@ def _rewrite(graph: torch.fx.Graph, early: bool) -> int:
         for run in adjacent_runs(members, follows):
             if lower:
                 removed += _lower(graph, run, alloc, cols, order, memo, early)
-                continue
-            if early:
-                continue
-            # the graph's order as it is now: a join before this one made nodes (a member's
-            # output slice) that this run's members may read (layers over a member's output)
-            now = {node: float(i) for i, node in enumerate(graph.nodes)}
-            removed += _join(graph, run, alloc, cols, now)
+            elif not early:  # joins are the post-grad pass's alone
+                # the graph's order as it is now: a join before this one made nodes (a member's
+                # output slice) that this run's members may read (layers over a member's output)
+                now = {node: float(i) for i, node in enumerate(graph.nodes)}
+                removed += _join(graph, run, alloc, cols, now)
     if per_call:  # the others (a buffer apart from its allocation), each alone
         target = torch.ops.lorahot.wide_linear_dynamic.default
         for node in list(graph.nodes):

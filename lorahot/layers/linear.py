@@ -701,19 +701,12 @@ def compiled_routed(
 
 
 def dynamic_wide(
-    layer: LoRALinear,
-    x: torch.Tensor,
-    a: torch.Tensor,
-    b: torch.Tensor,
-    scale: torch.Tensor,
-    fused: bool | None = None,
+    layer: LoRALinear, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor
 ) -> torch.Tensor:
     """The fused kernel or the wide GEMMs, whichever pays for the rows of each call, chosen at
     run time inside the operator ``lorahot::wide_linear_dynamic``; the bias added outside it,
-    in the elementwise pass the compiler fuses with what follows. ``fused`` None: the kernel is
-    a candidate unless the graph launches per call (the caller may know already: False)."""
-    if fused is None:
-        fused = not compile_mode.launched_per_call()  # not replayed: the GEMMs alone (compile_mode)
+    in the elementwise pass the compiler fuses with what follows."""
+    fused = not compile_mode.launched_per_call()  # not replayed: the GEMMs alone (compile_mode)
     y = wide_kernel.wide_linear_dynamic(x, wide_input(layer), a, b, scale, fused=fused)
     bias = layer._base.bias
     return y if bias is None else y + bias
