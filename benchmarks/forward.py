@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 import lorahot
-from benchmarks.common import median_ms, paired_ms, rel_err, sync
+from benchmarks.common import host_ms, kernel_profile, median_ms, paired_ms, pipelined_ms, rel_err, sync
 from benchmarks.workload import MAX_RANK, RANKS, TARGETS, Workload
 from lorahot.kernels import extern_inputs, stacked_shrinks, wide_groups
 
@@ -225,8 +225,35 @@ def run(
         if len(prepared) > 1:
             _time_paired(prepared, results, w, repeat, mode)
             save(out)
+        if w.device.type == "cuda":
+            _profile(prepared, results, w, mode)
+            save(out)
         del prepared
     return out
+
+
+def _profile(
+    prepared: dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], Any]],
+    results: dict[str, Any],
+    w: Workload,
+    mode: str,
+) -> None:
+    """``<phase>_profile``: what one call of each phase costs the host (``host_ms``, until the
+    call returns), the GPU (``gpu_us_per_call``, its kernels summed, and ``kernels_per_call``),
+    and both (``pipelined_ms``, calls back to back): where a synced call's time goes, so a ratio
+    over the base model says whether the host or the GPU bounds it."""
+    for name, (call, _keep) in prepared.items():
+        for phase, ids in (("decode", w.decode), ("prefill", w.prefill)):
+            found = kernel_profile(lambda c=call, i=ids: c(i))
+            found["pipelined_ms"] = pipelined_ms(lambda c=call, i=ids: c(i), w.device)
+            found["host_ms"] = host_ms(lambda c=call, i=ids: c(i), w.device)
+            results[name][f"{phase}_profile"] = found
+            print(
+                f"[forward {mode} {name} {phase} profile] host {found['host_ms']:.3f} ms, back to back"
+                f" {found['pipelined_ms']:.3f} ms, {found['kernels_per_call']:.0f} kernels,"
+                f" {found['gpu_us_per_call'] / 1e3:.3f} ms GPU; top {found['top_us']}",
+                flush=True,
+            )
 
 
 def _time_paired(
