@@ -14,7 +14,8 @@ expands is one kernel at 128 rows as at 1, and the sums and RoPE two at both.
 For each row count (``PROBE_ROWS``, default ``1,16,128,512``) and each form (reduced over the
 rank, elementwise), in bf16 at TinyLlama's widths and rank 64, this compiles:
 
-- ``silu``: gate's and up's outputs with their unrolled expands, read by the SiLU product;
+- ``silu``: gate's and up's outputs with their unrolled expands, read by the SiLU product,
+  against ``silu_gemm`` (each expand a GEMM, as above 16 rows) and ``silu_base`` (no LoRA);
 - ``sums``: q/k/v's one buffer written by ``unrolled_sums``, q read rotated as RoPE reads it;
 - ``lone``: o's output with its unrolled expand, added to the residual and read by RMSNorm (a
   reduction over the row, one program per row), against ``lone_gemm`` (the expand a GEMM, as
@@ -30,7 +31,7 @@ The question for ``lone``: whether an elementwise expand inside RMSNorm's one pr
 (which made decode GPU-bound on an H100, fifty-seventh session) is slow for its arithmetic or
 for reading ``B_s.T`` across its strided layout.
 
-``PROBE_CASES`` picks the cases (default all five).
+``PROBE_CASES`` picks the cases (default all seven).
 
     PYTHONPATH=. [PROBE_ROWS=1,128 PROBE_CASES=lone,lone_base] python3 -m benchmarks.experiments.unrolled_rows_probe
 """
@@ -64,6 +65,19 @@ def launches(code: list[str]) -> tuple[int, int]:
 def silu(yg: torch.Tensor, hg: torch.Tensor, yu: torch.Tensor, hu: torch.Tensor, bt: torch.Tensor) -> torch.Tensor:
     g = yg + unrolled_expand.unrolled_expand(hg, bt)
     return torch.nn.functional.silu(g) * (yu + unrolled_expand.unrolled_expand(hu, bt))
+
+
+def silu_gemm(yg: torch.Tensor, hg: torch.Tensor, yu: torch.Tensor, hu: torch.Tensor, bt: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.silu(yg + (hg @ bt)[None][0]) * (yu + (hu @ bt)[None][0])
+
+
+def silu_base(yg: torch.Tensor, hg: torch.Tensor, yu: torch.Tensor, hu: torch.Tensor, bt: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.silu(yg) * yu
+
+
+def silu_base_reference(args: list[torch.Tensor]) -> torch.Tensor:
+    yg, _, yu, _, _ = (t.double() for t in args)
+    return torch.nn.functional.silu(yg) * yu
 
 
 def silu_reference(args: list[torch.Tensor]) -> torch.Tensor:
@@ -189,6 +203,8 @@ def main() -> None:
     rows_list = [int(r) for r in os.environ.get("PROBE_ROWS", "1,16,128,512").split(",")]
     cases: dict[str, tuple[Callable[..., torch.Tensor], Callable[[list[torch.Tensor]], torch.Tensor]]] = {
         "silu": (silu, silu_reference),
+        "silu_gemm": (silu_gemm, silu_reference),
+        "silu_base": (silu_base, silu_base_reference),
         "sums": (sums, sums_reference),
         "lone": (lone, lone_reference),
         "lone_gemm": (lone_gemm, lone_reference),
@@ -204,7 +220,7 @@ def main() -> None:
         fn, reference = cases[case]
         unrolls = case in ("silu", "sums", "lone")
         for rows in rows_list:
-            for layout in ("wide", "dense") if case != "lone_base" else ("dense",):
+            for layout in ("wide", "dense") if not case.endswith("_base") else ("dense",):
                 args = inputs(case.split("_")[0], rows, device, layout)
                 want = reference(args)
                 for reduced in (True, False) if unrolls else (True,):
