@@ -191,7 +191,7 @@ def test_install_is_idempotent_runs_a_pass_installed_before_it_and_uninstalls(
 
     before = Before()
     defaults = (("ENABLED", True), ("SUMS", True), ("MEMBERS", True), ("LONE", False), ("LONE_SUMS", False))
-    for switch, value in (*defaults, ("REDUCED", True)):
+    for switch, value in (*defaults, ("REDUCED", True), ("ROWS", 128)):
         monkeypatch.setattr(unrolled_expand, switch, value)  # their defaults, whatever the environment set
     monkeypatch.setattr(wide_groups, "ACCUMULATE", False)
     inductor_config.post_grad_custom_pre_pass = before
@@ -217,31 +217,31 @@ def test_install_is_idempotent_runs_a_pass_installed_before_it_and_uninstalls(
     def uuid(*on: object, early: bool = True) -> tuple[object, ...]:
         return (*on[:7], early, *on[7:], geometries, "before")
 
-    unrolled = (True, 16, 64, True, True, False, False, True)
+    unrolled = (True, 128, 64, True, True, False, False, True)
     assert installed.uuid()[1:] == uuid(True, False, True, 512, True, False, False, *unrolled)
     monkeypatch.setattr(extern_inputs, "ENABLED", False)
     # a graph compiled without it is another graph
     assert installed.uuid()[1:] == uuid(False, False, True, 512, True, False, False, *unrolled)
     monkeypatch.setattr(unrolled_expand, "ENABLED", False)  # and so is one compiled without the unrolled expands
     assert installed.uuid()[1:] == uuid(
-        False, False, True, 512, True, False, False, False, 16, 64, True, True, False, False, True
+        False, False, True, 512, True, False, False, False, 128, 64, True, True, False, False, True
     )
     monkeypatch.setattr(unrolled_expand, "ENABLED", True)
     monkeypatch.setattr(unrolled_expand, "MEMBERS", False)  # or with only lone layers' expands unrolled
     monkeypatch.setattr(unrolled_expand, "LONE", True)
     assert installed.uuid()[1:] == uuid(
-        False, False, True, 512, True, False, False, True, 16, 64, True, False, True, False, True
+        False, False, True, 512, True, False, False, True, 128, 64, True, False, True, False, True
     )
     monkeypatch.setattr(unrolled_expand, "LONE", False)  # or with lone layers' outputs summed by kernels of their own
     monkeypatch.setattr(unrolled_expand, "LONE_SUMS", True)
     assert installed.uuid()[1:] == uuid(
-        False, False, True, 512, True, False, False, True, 16, 64, True, False, False, True, True
+        False, False, True, 512, True, False, False, True, 128, 64, True, False, False, True, True
     )
     monkeypatch.setattr(unrolled_expand, "LONE_SUMS", False)
     monkeypatch.setattr(unrolled_expand, "REDUCED", False)  # or with the expands elementwise
     monkeypatch.setattr(unrolled_expand, "SUMS", False)  # and the one buffer's sums off
     assert installed.uuid()[1:] == uuid(
-        False, False, True, 512, True, False, False, True, 16, 64, False, False, False, False, False
+        False, False, True, 512, True, False, False, True, 128, 64, False, False, False, False, False
     )
     monkeypatch.setattr(unrolled_expand, "REDUCED", True)
     monkeypatch.setattr(unrolled_expand, "SUMS", True)

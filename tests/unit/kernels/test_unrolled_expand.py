@@ -171,7 +171,7 @@ def test_the_expand_lowered_as_a_reduction_over_the_rank_equals_the_elementwise_
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("reduced", [True, False], ids=["reduced", "elementwise"])
-@pytest.mark.parametrize("rows", [1, 16])
+@pytest.mark.parametrize("rows", [1, 16, 128])
 def test_gpu_gate_and_up_expands_reduced_over_the_rank_run_inside_the_silu_kernel(
     rows: int, reduced: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -272,7 +272,7 @@ def test_a_group_s_sums_are_one_buffer_each_member_s_columns_its_expand_added(
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("reduced", [True, False], ids=["reduced", "elementwise"])
-@pytest.mark.parametrize("rows", [1, 16])
+@pytest.mark.parametrize("rows", [1, 16, 128])
 def test_gpu_q_k_v_sums_are_one_kernel_and_no_gemm(rows: int, reduced: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     """On CUDA in bf16 (rank 64; q 2048, k 256 and v 256 wide: TinyLlama's attention): the
     group's one buffer written by ``unrolled_sums``, lowered either way, is one Triton kernel and
