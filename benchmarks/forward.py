@@ -37,6 +37,18 @@ def _compiled(
     return call
 
 
+#: Every configuration of :func:`run` compiles with ``dynamic=False``: its prefill (128 rows) and
+#: decode (1 row) graphs each with static row counts. Under the compiler's default a model's
+#: configurations are not compiled alike: they share one code object (the model's ``forward``),
+#: and dynamo keeps automatic dynamic shapes per code object, so once the base model (compiled
+#: first) has seen two sequence lengths, every later configuration's first prefill is compiled
+#: with a symbolic row count (shown on the CPU box, sixty-fifth session: ``create_symbol s27 =
+#: 128`` for the second model's ``input_ids.size()[1]``). Until then lorahot's prefill (and its
+#: compile) was measured on a symbolic graph against the base model's static one: 388 launches
+#: per call at 128 rows against the base model's 342 (H100, ``runs/20261207T150812-forward.json``),
+#: where a process of lorahot alone compiled it with static rows and launched 342.
+STATIC = True
+
 ROUNDS = 3  # every configuration is timed once per round, rounds interleaved (drift control)
 
 
@@ -106,8 +118,10 @@ def lorahot_mode(
     extern: bool = True,
     grouped: bool = True,
     joined: bool = False,
+    warm: bool | None = None,
 ) -> Prepared:
-    """Compiles a lorahot model, swaps ``swaps`` times among ranks (checking each against the
+    """Compiles a lorahot model (its prefill and decode graphs first, before any adapter is
+    loaded, where ``warm``; by default unless ``dynamic=False``), swaps ``swaps`` times among ranks (checking each against the
     eager reference and counting recompiles), then leaves the rank-64 adapter active.
     ``extras=True`` injects with the DoRA / LoRA-bias pass (what that pass costs plain LoRA);
     ``stacked=False`` compiles without the stacked-shrink pass (what it saves; the pass is
@@ -124,7 +138,7 @@ def lorahot_mode(
     wide_groups.ENABLED = grouped
     wide_groups.JOIN_SYMBOLIC = joined
     call = _compiled(model, mode, fullgraph, dynamic)
-    if dynamic is not False:
+    if warm or (warm is None and dynamic is not False):
         call(w.prefill), call(w.decode)  # compile before any adapter is loaded
     graphs = _unique_graphs()
     rng = random.Random(0)
@@ -154,10 +168,10 @@ def peft_mode(
     return call, {"rel_err": rel_err(call(w.prefill), refs[64])}, model
 
 
-def base_mode(w: Workload, mode: str, dynamic: bool | None = None) -> Prepared:
+def base_mode(w: Workload, mode: str, dynamic: bool | None = None, warm: bool | None = None) -> Prepared:
     model = w.fresh_base()
     call = _compiled(model, mode, dynamic=dynamic)
-    if dynamic is not False:
+    if warm or (warm is None and dynamic is not False):
         call(w.prefill), call(w.decode)
     return call, {}, model
 
@@ -179,17 +193,18 @@ def run(
     out: dict[str, Any] = {"forward": {}}
     for mode in modes:
         torch._dynamo.reset()
+        dyn = False if STATIC else None
         configs: dict[str, Callable[[], Prepared]] = {
-            "base": lambda: base_mode(w, mode),
-            "lorahot": lambda: lorahot_mode(w, mode, refs),
+            "base": lambda: base_mode(w, mode, dynamic=dyn, warm=True),
+            "lorahot": lambda: lorahot_mode(w, mode, refs, dynamic=dyn, warm=True),
         }
         if w.device.type == "cuda":
-            configs["lorahot_unfused"] = lambda: lorahot_mode(w, mode, refs, fused=False)
+            configs["lorahot_unfused"] = lambda: lorahot_mode(w, mode, refs, fused=False, dynamic=dyn, warm=True)
         if mode == "reduce-overhead" or w.device.type == "cpu":
-            configs["lorahot_merged"] = lambda: lorahot_mode(w, mode, refs, merged=True)
+            configs["lorahot_merged"] = lambda: lorahot_mode(w, mode, refs, merged=True, dynamic=dyn, warm=True)
         if with_peft:
-            configs["peft"] = lambda: peft_mode(w, mode, refs, bf16=False)
-            configs["peft_bf16"] = lambda: peft_mode(w, mode, refs, bf16=True)
+            configs["peft"] = lambda: peft_mode(w, mode, refs, bf16=False, dynamic=dyn)
+            configs["peft_bf16"] = lambda: peft_mode(w, mode, refs, bf16=True, dynamic=dyn)
         configs = {k: v for k, v in configs.items() if not only or k in only}
         results = out["forward"].setdefault(mode, {})
         prepared = {}
