@@ -70,14 +70,15 @@ ENABLED = os.environ.get("LORAHOT_UNROLLED_EXPANDS", "1") == "1"
 #: expand is unrolled. Each output element sums its ``R`` products on the CUDA cores, a cost
 #: that grows with the rows where a GEMM's does not; a GEMM expand costs a launch, which the
 #: host pays on every call in default mode. On an H100 (torch 2.11, sixty-fifth session, the
-#: forward suite's model, 154 rank-64 layers) a 128-row prefill in default mode was host-bound
-#: either way: with the GEMM expands (16 rows here) 388 launches per call, 8.25 ms of host time
-#: and 1.99 ms of GPU time against the base model's 342, 7.44 and 1.99 ms; unrolled (128)
-#: 342 launches, 6.30 ms of host time and 3.19 ms of GPU time (gate's and up's SiLU product
-#: 40 us per layer, q/k/v's sums 25 us). Measured alone at 128 rows in a CUDA graph
-#: (``benchmarks/experiments/unrolled_rows_probe.py``): the SiLU product with both reduced
-#: expands 32.9 us against 8.3 us for the GEMMs and their reader, and 2.1 us without LoRA.
-#: (The fifty-ninth session's 1.26x at 128 rows, H200, had the elementwise form: 206 us there.)
+#: forward suite's model, 154 rank-64 layers, a 128-row prefill in default mode; run files
+#: ``benchmarks/results/runs/20261207T1442-*`` and ``*T1445-*``): with the GEMM expands (that
+#: process compiled lorahot's prefill with a symbolic row count) 388 launches per call, 8.25 ms
+#: of host time and 1.99 ms of GPU time, the base model's 342, 7.44 and 1.99 ms; unrolled at
+#: static rows, in a process of its own, 342 launches, 6.30 ms of host time and 3.19 ms of GPU
+#: time (gate's and up's SiLU product 40 us per layer, q/k/v's sums 25 us): host-bound either
+#: way, so the launches are what counts. Alone at 128 rows in a CUDA graph
+#: (``benchmarks/experiments/unrolled_rows_probe.py``) the SiLU product with both reduced
+#: expands took 32.9 us against 8.3 us for the GEMMs and their reader, 2.1 us without LoRA.
 #: Above 128 rows the GPU's share grows with every row, and the GEMMs stay
 #: (``LORAHOT_UNROLLED_ROWS`` at import sets another limit).
 ROWS = int(os.environ.get("LORAHOT_UNROLLED_ROWS", "128"))
