@@ -130,7 +130,9 @@ def switches(name: str) -> Iterator[None]:
 
 
 def compiled(name: str, model: torch.nn.Module, ids: dict[str, torch.Tensor]) -> Call:
-    c = torch.compile(model, fullgraph=True)
+    # static rows: the forms share the model's code object, whose automatic dynamic shapes would
+    # compile every form after the first with a symbolic prefill (benchmarks/forward.py, STATIC)
+    c = torch.compile(model, fullgraph=True, dynamic=False)
 
     def call(x: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():

@@ -109,7 +109,12 @@ suite then showed o's and down's unrolled expands GPU-bound (fifty-eighth sessio
 order) and ``PROBE_DROWS`` adds row counts after them.
 
 A form named ``NAME_dyn`` is ``NAME`` compiled with ``dynamic=True`` (the row count symbolic,
-as the rows suite compiles: lorahot's layers then run the dynamic-shapes operator).
+as the rows suite compiles: lorahot's layers then run the dynamic-shapes operator). Every other
+form compiles each shape with static rows (``dynamic=False``): the forms share the model's code
+object, and under the compiler's default a form compiled after one that has seen two lengths
+gets a symbolic row count (``benchmarks/forward.py``, ``STATIC``). Until the sixty-fifth session
+default-mode forms had the compiler's default, so every form after the first ran its prefill on
+a symbolic graph.
 
 Under CUDA graphs (``PROBE_PART=r``; ``runs/20261202T100147-grouped-probe-r256.log``,
 ``101839-grouped-probe-r256-dyn.log``, ``101238-grouped-probe-r2048.log``), GPU time per call
@@ -462,7 +467,8 @@ def part(
             model,
             fullgraph=True,
             mode=None if mode == "default" else mode,
-            dynamic=True if name.endswith("_dyn") else False if mode != "default" else None,
+            # static rows unless _dyn: the forms share the model's code object (forward.STATIC)
+            dynamic=name.endswith("_dyn"),
         )
 
         def call(ids: torch.Tensor, c: Any = c, name: str = name) -> torch.Tensor:
@@ -586,7 +592,7 @@ def main() -> None:
     forms = tuple(os.environ.get("PROBE_FORMS", "base,lorahot,op_each,group_rows,group_bd").split(","))
     if "k" in parts:  # the kernels of one decode call per form, on the 2-layer model
         kernels(forms)
-    if "d" in parts:  # PROBE_DROWS: more row counts, after these two (the graph with a symbolic row count)
+    if "d" in parts:  # PROBE_DROWS: more row counts, after these two (each a static graph of its own)
         gen = torch.Generator().manual_seed(3)
         more = [int(n) for n in os.environ.get("PROBE_DROWS", "").split(",") if n]
         vocab = w.config.vocab_size  # type: ignore[attr-defined]

@@ -110,7 +110,7 @@ def main() -> None:
             runtime.load(adapter_file(w.adapters[MAX_RANK]))
             keep.append(runtime)
         keep.append(model)
-        compiled = torch.compile(model, fullgraph=True)
+        compiled = torch.compile(model, fullgraph=True, dynamic=False)  # static rows, as forward.STATIC says why
         log: list[str] = []
         planning = refusals(log) if REFUSALS and "_reuse" not in form else contextlib.nullcontext()
         with torch.inference_mode(), switches(form), planning:
