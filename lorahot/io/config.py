@@ -67,14 +67,15 @@ UNSUPPORTED: dict[str, str] = {
 }
 
 #: ``init_lora_weights`` values (or prefixes) that rewrite the base weights the adapter is trained
-#: over: PiSSA, OLoRA, CorDA and LoRA-GA subtract the adapter's initial product from them, LoftQ
-#: replaces them with a quantized residual. B @ A over the original base is then not what was
+#: over: PiSSA, OLoRA, CorDA, LoRA-GA and ASTRA (PEFT 0.22) subtract the adapter's initial product
+#: from them, LoftQ replaces them with a quantized residual. B @ A over the original base is then not what was
 #: trained; PEFT also redoes PiSSA, OLoRA and LoftQ on the base when it loads the adapter.
-REWRITING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
+REWRITING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga", "astra")
 
 #: ``init_lora_weights`` values that leave the base weights alone (only A and B start elsewhere):
-#: PEFT's default (B zero), random A and B, Gaussian, EVA, orthogonal and MiCA initializations.
-KEPT_INITS = (True, False, None, "gaussian", "eva", "orthogonal", "mica")
+#: PEFT's default (B zero), random A and B, Gaussian, EVA, orthogonal, MiCA and NoRA (PEFT 0.22: A's
+#: columns normalized, B zero) initializations.
+KEPT_INITS = (True, False, None, "gaussian", "eva", "orthogonal", "mica", "nora")
 
 #: PEFT's ``peft_type`` of a LoRA adapter; a config naming another type (AdaLoRA, VeRA, LoHa,
 #: X-LoRA, ...) describes another kind of adapter, whose fields mean other things.
@@ -86,7 +87,7 @@ READ = (
     "fan_in_fan_out", "target_modules", "init_lora_weights", "exclude_modules", "layers_to_transform", "layers_pattern",
 )  # fmt: skip
 
-#: PEFT ``LoraConfig`` fields (0.21) that do not change what a saved adapter computes at
+#: PEFT ``LoraConfig`` fields (0.21 and 0.22) that do not change what a saved adapter computes at
 #: inference: field -> why.
 INERT: dict[str, str] = {
     "task_type": "the model class PEFT wraps (a task that adds modules sets modules_to_save)",
@@ -102,6 +103,7 @@ INERT: dict[str, str] = {
     "eva_config": "EVA's settings, an initialization of A",
     "corda_config": "CorDA's settings; init_lora_weights says whether CorDA was used",
     "lora_ga_config": "LoRA-GA's settings; init_lora_weights says whether LoRA-GA was used",
+    "astra_config": "ASTRA's settings; init_lora_weights says whether ASTRA was used",
     "qalora_group_size": "QA-LoRA's pooling size; use_qalora says whether QA-LoRA is on",
     "runtime_config": "how PEFT places weights while it loads (ephemeral GPU offload)",
     "ensure_weight_tying": "tied layers' adapters are saved under each layer's name",

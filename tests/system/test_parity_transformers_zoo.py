@@ -271,7 +271,10 @@ ZOO: dict[str, tuple[str, str, dict[str, Any], Callable[..., dict[str, torch.Ten
             "shared_expert_intermediate_size": 24,
         },
         _text,
-        {"target_modules": "all-linear"},
+        # attention and the shared expert's gate. PEFT 0.22 maps a target named down_proj, up_proj or
+        # gate_proj on this model (the shared expert's too, and "all-linear") onto the experts'
+        # fused weights (target_parameters), which lorahot refuses (test_formats)
+        {"target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "shared_expert_gate"]},
         False,
     ),
     "gemma2-scaled-embeddings": (

@@ -613,14 +613,15 @@ _REWROTE = r"this initialization rewrote the base weights the adapter was traine
         ({"init_lora_weights": "corda"}, f'init_lora_weights="corda"; {_REWROTE}'),
         ({"init_lora_weights": "loftq"}, f'init_lora_weights="loftq"; {_REWROTE}.*LoftQ.s quantized residual'),
         ({"init_lora_weights": "lora_ga"}, f'init_lora_weights="lora_ga"; {_REWROTE}'),
+        ({"init_lora_weights": "astra"}, f'init_lora_weights="astra"; {_REWROTE}'),
         ({"init_lora_weights": "svd_init"}, r'init_lora_weights="svd_init"; an initialization lorahot does not know'),
         ({"kasa_config": {}}, None),
         ({"kasa_config": {"x": 1}}, "kasa_config=.*KaSA"),
     ],
 )
 def test_configs_whose_initialization_rewrote_the_base_are_refused(fields: dict, match: str | None) -> None:
-    """LoRA-GA, like PiSSA, OLoRA and CorDA, subtracts its initial B @ A from the base weights
-    (PEFT's lora_ga_init); an initialization lorahot does not know may too."""
+    """LoRA-GA and ASTRA, like PiSSA, OLoRA and CorDA, subtract their initial B @ A from the base
+    weights (PEFT's lora_ga_init, astra_init); an initialization lorahot does not know may too."""
     config = {"r": 2, "lora_alpha": 2, **fields}
     if match is None:  # an empty kasa_config is PEFT's "off"
         lorahot.read_adapter(_peft(), config=config)
@@ -631,7 +632,7 @@ def test_configs_whose_initialization_rewrote_the_base_are_refused(fields: dict,
         assert lorahot.read_adapter(_peft(), config={**config, "init_lora_weights": True}).modules["proj"].scale == 1.0
 
 
-@pytest.mark.parametrize("init", [True, False, None, "gaussian", "orthogonal", "eva", "mica"])
+@pytest.mark.parametrize("init", [True, False, None, "gaussian", "orthogonal", "eva", "mica", "nora"])
 def test_initializations_that_leave_the_base_alone_load(init: object) -> None:
     adapter = lorahot.read_adapter(_peft(), config={"r": 2, "lora_alpha": 2, "init_lora_weights": init})
     assert adapter.modules["proj"].scale == 1.0

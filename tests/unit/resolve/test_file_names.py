@@ -112,6 +112,11 @@ def test_a_module_of_the_models_own_named_as_a_wrapper_level_keeps_its_level_as_
     config = peft.LoraConfig(r=2, lora_alpha=2, target_modules=["proj"], init_lora_weights=False)
     oracle = peft.get_peft_model(copy.deepcopy(model), config).double()
     saved = peft.get_peft_model_state_dict(oracle)
+    if level == "_checkpoint_wrapped_module" and len({k.rsplit(".lora_", 1)[0] for k in saved}) == 1:
+        # PEFT 0.22 drops a level named as torch's checkpoint wrapper names one wherever it stands,
+        # so its file holds one of the two layers under ``blk.proj``: its saved keys cannot be the
+        # oracle's names here. Its model still computes both layers; PEFT 0.21 saved them thus.
+        saved = {n.replace(".default.", "."): p.detach() for n, p in oracle.named_parameters() if ".lora_" in n}
     assert {k.rsplit(".lora_", 1)[0] for k in saved} == {
         "base_model.model.blk.proj",
         f"base_model.model.blk.{level}.proj",
