@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 import lorahot
-from benchmarks.common import host_ms, kernel_profile, median_ms, paired_ms, pipelined_ms, rel_err, sync
+from benchmarks.common import host_ms, kernel_profile, median_ms, paired_ms, pipelined_ms, rel_err
 from benchmarks.workload import MAX_RANK, RANKS, TARGETS, Workload
 from lorahot.kernels import extern_inputs, stacked_shrinks, wide_groups
 
@@ -58,19 +58,8 @@ def _time(call: Callable[[torch.Tensor], torch.Tensor], w: Workload, repeat: int
         name: median_ms(lambda: call(ids), w.device, repeat=repeat, warmup=5)
         for name, ids in (("decode", w.decode), ("prefill", w.prefill))
     }
-    out["decode_host_ms"] = _host_ms(call, w.decode, w.device)
+    out["decode_host_ms"] = host_ms(lambda: call(w.decode), w.device, calls=20)
     return out
-
-
-def _host_ms(call: Callable[[torch.Tensor], torch.Tensor], ids: torch.Tensor, device: torch.device) -> float:
-    times = []
-    for _ in range(20):
-        sync(device)
-        t = time.perf_counter()
-        call(ids)
-        times.append((time.perf_counter() - t) * 1e3)
-        sync(device)
-    return statistics.median(times)
 
 
 #: dynamo's and inductor's timed phases whose seconds each configuration's ``compile_phases_s``
