@@ -18,6 +18,7 @@ plain library-call formula, which is also the reference the kernel is tested aga
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -102,13 +103,13 @@ def worth_it(rows: int, out_features: int, *, wide: bool = False) -> bool:
 
     Against base + shrink + expand the kernel wins up to 128 rows (H100, same probe).
     """
-    if rows <= _ROW_LIMITS[0]:
+    if rows <= 16:
         return True
     if not wide:
-        return rows <= _ROW_LIMITS[1]
-    if rows <= _ROW_LIMITS[1]:
+        return rows <= 128
+    if rows <= WIDE_ROWS:
         return out_features < 4096
-    return rows <= _ROW_LIMITS[2] and out_features <= 512
+    return rows <= 256 and out_features <= 512
 
 
 def routed_worth_it(rows: int, out_features: int, *, wide: bool = False) -> bool:
@@ -123,8 +124,13 @@ def routed_worth_it(rows: int, out_features: int, *, wide: bool = False) -> bool
     return worth_it(rows, out_features, wide=False) or worth_it(rows, out_features, wide=wide)
 
 
+#: The most rows at which a widened layer of fewer than 4096 outputs (q, o, down) still runs the
+#: kernel; above it, up to 256 rows, only the narrowest (at most 512 outputs: k, v) do
+#: (``LORAHOT_FUSED_WIDE_ROWS`` at import sets another limit).
+WIDE_ROWS = int(os.environ.get("LORAHOT_FUSED_WIDE_ROWS", "128"))
+
 #: the row counts at which :func:`worth_it` changes its answer
-_ROW_LIMITS = (16, 128, 256)
+_ROW_LIMITS = tuple(sorted({16, WIDE_ROWS, 128, 256}))
 
 
 def decidable(rows: int | torch.SymInt) -> bool:
@@ -134,7 +140,7 @@ def decidable(rows: int | torch.SymInt) -> bool:
     guard on the answer, and compile one graph per range of row counts where the base model
     compiles one for all (:meth:`lorahot.layers.linear.LoRALinear.dynamic_rows`)."""
     # above every limit or below every limit (large inputs, decode): one or two tests
-    if statically_known_true(rows > _ROW_LIMITS[2]) or statically_known_true(rows <= _ROW_LIMITS[0]):
+    if statically_known_true(rows > _ROW_LIMITS[-1]) or statically_known_true(rows <= _ROW_LIMITS[0]):
         return True
     # a loop, not a generator expression: the compiler traces this in every layer of every graph
     for t in _ROW_LIMITS:  # noqa: SIM110
