@@ -101,7 +101,8 @@ def worth_it(rows: int, out_features: int, *, wide: bool = False) -> bool:
     - 256 rows: q/o 17.0 / 10.2, k/v 7.1 / 8.7, gate/up 23.6 / 17.3, down 41.3 / 17.3;
     - 1024 rows: the wide GEMM everywhere (k/v 15.4 / 9.2).
 
-    Against base + shrink + expand the kernel wins up to 128 rows (H100, same probe).
+    Against base + shrink + expand the kernel wins up to 128 rows (H100, same probe). On a
+    widened layer it serves q, o and down up to :data:`WIDE_ROWS` rows.
     """
     if rows <= 16:
         return True
@@ -126,8 +127,14 @@ def routed_worth_it(rows: int, out_features: int, *, wide: bool = False) -> bool
 
 #: The most rows at which a widened layer of fewer than 4096 outputs (q, o, down) still runs the
 #: kernel; above it, up to 256 rows, only the narrowest (at most 512 outputs: k, v) do
-#: (``LORAHOT_FUSED_WIDE_ROWS`` at import sets another limit).
-WIDE_ROWS = int(os.environ.get("LORAHOT_FUSED_WIDE_ROWS", "128"))
+#: (``LORAHOT_FUSED_WIDE_ROWS`` at import sets another limit). At 128 rows on an H100
+#: (``large_probe``, us per layer, kernel / wide GEMM): q/o 10.07 / 9.78, down 18.14 / 17.73, k/v
+#: 5.66 / 8.55; at 64 rows q/o 8.51 / 9.59, down 14.31 / 16.72. In the model the wide form also
+#: lets q, k and v share one GEMM (:mod:`lorahot.kernels.wide_groups`): the forward suite's
+#: 128-row prefill under CUDA graphs took 2.37 ms back to back against the base model's 2.05
+#: (1.155x) with this limit at 64, 2.52 against 2.06 (1.22x) at 128, on two H100 machines
+#: (sixty-sixth session, ``benchmarks/README.md``).
+WIDE_ROWS = int(os.environ.get("LORAHOT_FUSED_WIDE_ROWS", "64"))
 
 #: the row counts at which :func:`worth_it` changes its answer
 _ROW_LIMITS = tuple(sorted({16, WIDE_ROWS, 128, 256}))

@@ -73,8 +73,11 @@ def test_worth_it_follows_the_measured_rule() -> None:
     assert all(fused.worth_it(rows, n, wide=w) for rows in (1, 16) for n in (256, 5632) for w in (False, True))
     # without the wide GEMM, the kernel up to 128 rows
     assert fused.worth_it(128, 5632) and not fused.worth_it(129, 256) and not fused.worth_it(4096, 256)
-    # against the wide GEMM: narrow and mid-width layers up to 128 rows, k/v-sized ones up to 256
+    # against the wide GEMM: mid-width layers up to WIDE_ROWS (64) rows, k/v-sized ones up to 256
+    assert fused.WIDE_ROWS == 64
     assert fused.worth_it(64, 2048, wide=True) and not fused.worth_it(64, 5632, wide=True)
+    assert not fused.worth_it(65, 2048, wide=True) and not fused.worth_it(128, 2048, wide=True)
+    assert fused.worth_it(128, 256, wide=True) and fused.worth_it(128, 512, wide=True)
     assert fused.worth_it(256, 256, wide=True) and not fused.worth_it(256, 2048, wide=True)
     assert not fused.worth_it(257, 256, wide=True) and not fused.worth_it(1024, 256, wide=True)
 
