@@ -5,6 +5,7 @@ per-call cost a compiled model pays for its LoRA layers (graph inputs)."""
 from __future__ import annotations
 
 import gc
+import os
 from types import SimpleNamespace
 from typing import Any
 
@@ -68,13 +69,15 @@ def test_a_rank_past_what_the_kernels_fit_in_shared_memory_keeps_the_library_for
     assert not fused.supports_tensors(cuda_like(64, 8), None, cuda_like(513, 8))
 
 
-def test_worth_it_follows_the_measured_rule() -> None:
+def test_worth_it_follows_the_measured_rule(monkeypatch: pytest.MonkeyPatch) -> None:
+    if "LORAHOT_FUSED_WIDE_ROWS" not in os.environ:
+        assert fused.WIDE_ROWS == 64  # the default
+    monkeypatch.setattr(fused, "WIDE_ROWS", 64)
     # decode sizes: always the kernel
     assert all(fused.worth_it(rows, n, wide=w) for rows in (1, 16) for n in (256, 5632) for w in (False, True))
     # without the wide GEMM, the kernel up to 128 rows
     assert fused.worth_it(128, 5632) and not fused.worth_it(129, 256) and not fused.worth_it(4096, 256)
     # against the wide GEMM: mid-width layers up to WIDE_ROWS (64) rows, k/v-sized ones up to 256
-    assert fused.WIDE_ROWS == 64
     assert fused.worth_it(64, 2048, wide=True) and not fused.worth_it(64, 5632, wide=True)
     assert not fused.worth_it(65, 2048, wide=True) and not fused.worth_it(128, 2048, wide=True)
     assert fused.worth_it(128, 256, wide=True) and fused.worth_it(128, 512, wide=True)
