@@ -14,7 +14,12 @@ weight sets per shape, so weights stream from HBM as in the model), for these fo
 - ``addmm_pre``: the same with ``s`` folded into A beforehand: base, shrink, accumulate;
 - ``cat_pre``: A stored under W (``[W; s*A]``, one ``[out + r, in]`` buffer): base and shrink
   in one GEMM that reads x once, then the accumulate into the strided base output;
-- ``fused``: the fused Triton kernel with its own tiles (up to 1024 rows).
+- ``fused``: the fused Triton kernel with its own tiles (up to 1024 rows);
+- ``fused_<BM>x<BN>w<warps>``: the same kernel with other tiles, one formula per entry of
+  ``PROBE_FUSED_CONFIGS`` (``BM,BN,BK,warps,stages`` entries joined by ``;``, K split as
+  :func:`lorahot.kernels.triton_lora_linear.config_for` splits it), for instance
+  ``128,64,64,8,3`` to read each weight once at 65-128 rows. A configuration that fails to
+  compile or to match float64 is reported and left out.
 
 Every formula is checked against float64 first. The table predicts the whole-model cost from
 the per-layer extras (44 q/o, 44 k/v, 44 gate/up, 22 down calls per forward) over the base
@@ -41,6 +46,20 @@ PER_STEP = {"qo": 44, "kv": 44, "gate/up": 44, "down": 22}
 #: base model forward, ms, reduce-overhead, H200 (runs/20261130T082538-rows.json)
 BASE_MS = {1: 2.13, 8: 2.16, 64: 2.72, 256: 4.78, 1024: 14.14, 2048: 11.57, 8192: 81.71}
 N_SETS = 22
+#: extra tile configurations of the fused kernel: ``(BM, BN, BK, warps, stages)``
+FUSED_CONFIGS = [
+    tuple(int(v) for v in c.split(",")) for c in os.environ.get("PROBE_FUSED_CONFIGS", "").split(";") if c.strip()
+]
+
+
+def fused_config(m: int, n: int, k: int, bm: int, bn: int, bk: int, warps: int, stages: int) -> tuple:
+    """The kernel's configuration tuple for these tiles, K split as ``config_for`` splits it."""
+    tiles = max(1, -(-m // bm) * -(-n // bn))
+    split = 1
+    if tiles <= 192:
+        split = min(8, 384 // tiles, max(1, k // 128))
+        split = 1 << (split.bit_length() - 1)
+    return (bm, bn, bk, warps, stages, split)
 
 
 def host_us(fn, calls: int) -> float:
@@ -88,6 +107,15 @@ def formulas(x, w, wa, a, ap, b, s, sb, n):
     out = {"base": base, "lib": lib, "addmm_s": addmm_s, "addmm_pre": addmm_pre, "cat_pre": cat_pre}
     if x.shape[0] <= 1024:
         out["fused"] = fused
+        for bm, bn, bk, warps, stages in FUSED_CONFIGS:
+            config = fused_config(x.shape[0], n, x.shape[1], bm, bn, bk, warps, stages)
+
+            def tiled(config=config):
+                y = torch.empty(x.shape[0], n, device=x.device, dtype=x.dtype)
+                K.launch(x, w, None, a, b, rows, y, config)
+                return y
+
+            out[f"fused_{bm}x{bn}w{warps}"] = tiled
     return out
 
 
@@ -123,9 +151,20 @@ def main() -> None:
             w, a, b = sets[0]
             ref = x.double() @ w.double().T + 0.5 * (x.double() @ a.double().T) @ b.double()
             base_ref = x.double() @ w.double().T
-            for f, calls in fns.items():
-                y = calls[0]().double()
+            for f, calls in list(fns.items()):
+                try:
+                    y = calls[0]().double()
+                except Exception as e:  # an extra tile configuration that does not compile or launch
+                    if not f.startswith("fused_"):
+                        raise
+                    log(f"m={m:5d} {name:8s} {f} left out: {type(e).__name__}: {str(e)[:160]}")
+                    del fns[f]
+                    continue
                 err = float((y - (base_ref if f == "base" else ref)).norm() / ref.norm())
+                if f.startswith("fused_") and not err < 2e-2:
+                    log(f"m={m:5d} {name:8s} {f} left out: relative error {err:.2e} against float64")
+                    del fns[f]
+                    continue
                 worst = max(worst, err if f != "base" else 0.0)
                 assert err < 2e-2, (m, name, f, err)
             row = {}
