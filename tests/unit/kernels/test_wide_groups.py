@@ -257,6 +257,47 @@ def test_a_group_takes_the_fused_kernel_only_where_it_pays_for_every_member(as_o
     assert as_on_cuda == [2]
 
 
+@pytest.mark.parametrize("limit", [64, 128])
+def test_between_the_limits_a_group_with_a_mid_width_member_takes_the_one_gemm(
+    limit: int, as_on_cuda: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At 96 rows the fused kernel pays for a widened layer of 12 outputs but, above
+    ``lora_linear.WIDE_ROWS`` (64), not for one of 520: q, k and v run as one operator (two
+    removed) and no fused kernel is called. The negative control, the limit at 128 as before:
+    every member takes the fused kernel (a float64 stand-in here, the CPU having none) and
+    nothing is joined."""
+    from lorahot.kernels import lora_linear as fused_kernel
+
+    calls: list[int] = []
+
+    def stand_in(
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        a: torch.Tensor,
+        bt: torch.Tensor,
+        scale: torch.Tensor,
+    ) -> torch.Tensor:
+        calls.append(weight.shape[0])
+        y = x @ weight.t() + ((x @ a.t()) * scale) @ bt
+        return y if bias is None else y + bias
+
+    monkeypatch.setattr(fused_kernel, "WIDE_ROWS", limit)
+    monkeypatch.setattr(fused_kernel, "lora_linear", stand_in)
+    torch.manual_seed(0)
+    model = _Unequal().double()
+    runtime = lorahot.inject(model, ["q", "k", "v"], max_rank=R, extras=False)
+    runtime.load(make_adapter(model, dict.fromkeys(["q", "k", "v"], 4))[0])
+    x = torch.randn(2, 48, D, dtype=torch.float64)
+    with torch.no_grad():
+        got = torch.compile(model, mode="reduce-overhead", dynamic=False, fullgraph=True)(x)
+    torch.testing.assert_close(got, _eager(model, x), rtol=1e-9, atol=1e-9)
+    if limit == 64:
+        assert as_on_cuda == [2] and calls == []
+    else:
+        assert as_on_cuda == [0] and sorted(calls) == [12, 12, 520]
+
+
 class _Chain(nn.Module):
     """a and b over ``x``, c and d over a's output: the second group reads the first's."""
 
