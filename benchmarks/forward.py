@@ -49,6 +49,13 @@ def _compiled(
 #: where a process of lorahot alone compiled it with static rows and launched 342.
 STATIC = True
 
+
+def _warms(warm: bool | None, dynamic: bool | None) -> bool:
+    """Whether a configuration compiles its prefill and decode graphs before anything else:
+    ``warm``, by default unless its rows are static (the rows suite compiles its own shapes)."""
+    return warm if warm is not None else dynamic is not False
+
+
 ROUNDS = 3  # every configuration is timed once per round, rounds interleaved (drift control)
 
 
@@ -127,7 +134,7 @@ def lorahot_mode(
     wide_groups.ENABLED = grouped
     wide_groups.JOIN_SYMBOLIC = joined
     call = _compiled(model, mode, fullgraph, dynamic)
-    if warm or (warm is None and dynamic is not False):
+    if _warms(warm, dynamic):
         call(w.prefill), call(w.decode)  # compile before any adapter is loaded
     graphs = _unique_graphs()
     rng = random.Random(0)
@@ -160,7 +167,7 @@ def peft_mode(
 def base_mode(w: Workload, mode: str, dynamic: bool | None = None, warm: bool | None = None) -> Prepared:
     model = w.fresh_base()
     call = _compiled(model, mode, dynamic=dynamic)
-    if warm or (warm is None and dynamic is not False):
+    if _warms(warm, dynamic):
         call(w.prefill), call(w.decode)
     return call, {}, model
 

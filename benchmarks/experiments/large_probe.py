@@ -17,7 +17,7 @@ weight sets per shape, so weights stream from HBM as in the model), for these fo
 - ``fused``: the fused Triton kernel with its own tiles (up to 1024 rows);
 - ``fused_<BM>x<BN>w<warps>``: the same kernel with other tiles, one formula per entry of
   ``PROBE_FUSED_CONFIGS`` (``BM,BN,BK,warps,stages`` entries joined by ``;``, K split as
-  :func:`lorahot.kernels.triton_lora_linear.config_for` splits it), for instance
+  :func:`lorahot.kernels.triton_lora_linear.split_for`, as ``config_for`` does), for instance
   ``128,64,64,8,3`` to read each weight once at 65-128 rows. A configuration that fails to
   compile or to match float64 is reported and left out.
 
@@ -50,16 +50,6 @@ N_SETS = 22
 FUSED_CONFIGS = [
     tuple(int(v) for v in c.split(",")) for c in os.environ.get("PROBE_FUSED_CONFIGS", "").split(";") if c.strip()
 ]
-
-
-def fused_config(m: int, n: int, k: int, bm: int, bn: int, bk: int, warps: int, stages: int) -> tuple:
-    """The kernel's configuration tuple for these tiles, K split as ``config_for`` splits it."""
-    tiles = max(1, -(-m // bm) * -(-n // bn))
-    split = 1
-    if tiles <= 192:
-        split = min(8, 384 // tiles, max(1, k // 128))
-        split = 1 << (split.bit_length() - 1)
-    return (bm, bn, bk, warps, stages, split)
 
 
 def host_us(fn, calls: int) -> float:
@@ -108,7 +98,7 @@ def formulas(x, w, wa, a, ap, b, s, sb, n):
     if x.shape[0] <= 1024:
         out["fused"] = fused
         for bm, bn, bk, warps, stages in FUSED_CONFIGS:
-            config = fused_config(x.shape[0], n, x.shape[1], bm, bn, bk, warps, stages)
+            config = (bm, bn, bk, warps, stages, K.split_for(x.shape[0], n, x.shape[1], bm, bn))
 
             def tiled(config=config):
                 y = torch.empty(x.shape[0], n, device=x.device, dtype=x.dtype)

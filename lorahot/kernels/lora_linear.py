@@ -104,13 +104,13 @@ def worth_it(rows: int, out_features: int, *, wide: bool = False) -> bool:
     Against base + shrink + expand the kernel wins up to 128 rows (H100, same probe). On a
     widened layer it serves q, o and down up to :data:`WIDE_ROWS` rows.
     """
-    if rows <= 16:
+    if rows <= _ALWAYS_ROWS:
         return True
     if not wide:
-        return rows <= 128
+        return rows <= _LIBRARY_ROWS
     if rows <= WIDE_ROWS:
         return out_features < 4096
-    return rows <= 256 and out_features <= 512
+    return rows <= _NARROW_ROWS and out_features <= 512
 
 
 def routed_worth_it(rows: int, out_features: int, *, wide: bool = False) -> bool:
@@ -136,8 +136,12 @@ def routed_worth_it(rows: int, out_features: int, *, wide: bool = False) -> bool
 #: (sixty-sixth session, ``benchmarks/README.md``).
 WIDE_ROWS = int(os.environ.get("LORAHOT_FUSED_WIDE_ROWS", "64"))
 
+#: the most rows at which every layer runs the kernel (decode), at which one that is not widened
+#: does (against base + shrink + expand), and at which a widened one of at most 512 outputs does
+_ALWAYS_ROWS, _LIBRARY_ROWS, _NARROW_ROWS = 16, 128, 256
+
 #: the row counts at which :func:`worth_it` changes its answer
-_ROW_LIMITS = tuple(sorted({16, WIDE_ROWS, 128, 256}))
+_ROW_LIMITS = tuple(sorted({_ALWAYS_ROWS, WIDE_ROWS, _LIBRARY_ROWS, _NARROW_ROWS}))
 
 
 def decidable(rows: int | torch.SymInt) -> bool:

@@ -56,7 +56,7 @@ from lorahot.kernels.op_registry import define, refuse_grad
 from lorahot.kernels.rows import as_rows
 from lorahot.kernels.triton_routed_lora import gdc_launch_dependents, gdc_wait, keeps_float32, rank_pad, shrink
 
-__all__ = ["lora_linear", "launch", "run_into", "config_for", "split_k", "sum_splits"]
+__all__ = ["lora_linear", "launch", "run_into", "config_for", "split_for", "split_k", "sum_splits"]
 
 
 @triton.jit
@@ -198,13 +198,20 @@ def config_for(m: int, n: int, k: int) -> Config:
     small = m <= 16
     bm = 16 if small else 64
     bn = 32 if n <= 512 and m <= 64 else 64
-    tiles = max(1, -(-m // bm) * -(-n // bn))  # no rows or no outputs: nothing launches
-    split = 1
-    if tiles <= 192:
-        split = min(16 if small else 8, 384 // tiles, max(1, k // 128))
-        split = 1 << (split.bit_length() - 1)  # a power of two
+    split = split_for(m, n, k, bm, bn)
     bk = 128 if small and split == 1 else 64
     return (bm, bn, bk, 4, 4 if small else 3, split)
+
+
+def split_for(m: int, n: int, k: int, bm: int, bn: int) -> int:
+    """How many chunks :func:`config_for` cuts K into for ``[bm, bn]`` tiles over ``m`` rows and
+    ``n`` outputs: none (1) past 192 tiles, else a power of two that brings about 256-384
+    programs (at most 16 for up to 16 rows, 8 above), each chunk at least 128 inputs deep."""
+    tiles = max(1, -(-m // bm) * -(-n // bn))  # no rows or no outputs: nothing launches
+    if tiles > 192:
+        return 1
+    split = min(16 if m <= 16 else 8, 384 // tiles, max(1, k // 128))
+    return 1 << (split.bit_length() - 1)  # a power of two
 
 
 def launch(

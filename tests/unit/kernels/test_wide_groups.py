@@ -241,19 +241,25 @@ class _Unequal(nn.Module):
         return out
 
 
+def _unequal_compiled_as_eager(rows: int) -> None:
+    """:class:`_Unequal` with an adapter on q, k and v, compiled under CUDA graphs with static
+    rows over two sequences of ``rows / 2`` tokens, equals its eager forward."""
+    torch.manual_seed(0)
+    model = _Unequal().double()
+    runtime = lorahot.inject(model, ["q", "k", "v"], max_rank=R, extras=False)
+    runtime.load(make_adapter(model, dict.fromkeys(["q", "k", "v"], 4))[0])
+    x = torch.randn(2, rows // 2, D, dtype=torch.float64)
+    with torch.no_grad():
+        got = torch.compile(model, mode="reduce-overhead", dynamic=False, fullgraph=True)(x)
+    torch.testing.assert_close(got, _eager(model, x), rtol=1e-9, atol=1e-9)
+
+
 def test_a_group_takes_the_fused_kernel_only_where_it_pays_for_every_member(as_on_cuda: list[int]) -> None:
     """At 200 rows the fused kernel would pay for k and v alone, not for q: the three run as
     one operator (two removed), where each deciding for itself left q alone in the operator
     and k and v on the fused kernel (which this CPU does not have: the negative control is
     that call failing)."""
-    torch.manual_seed(0)
-    model = _Unequal().double()
-    runtime = lorahot.inject(model, ["q", "k", "v"], max_rank=R, extras=False)
-    runtime.load(make_adapter(model, dict.fromkeys(["q", "k", "v"], 4))[0])
-    x = torch.randn(2, 100, D, dtype=torch.float64)
-    with torch.no_grad():
-        got = torch.compile(model, mode="reduce-overhead", dynamic=False, fullgraph=True)(x)
-    torch.testing.assert_close(got, _eager(model, x), rtol=1e-9, atol=1e-9)
+    _unequal_compiled_as_eager(rows=200)
     assert as_on_cuda == [2]
 
 
@@ -284,14 +290,7 @@ def test_between_the_limits_a_group_with_a_mid_width_member_takes_the_one_gemm(
 
     monkeypatch.setattr(fused_kernel, "WIDE_ROWS", limit)
     monkeypatch.setattr(fused_kernel, "lora_linear", stand_in)
-    torch.manual_seed(0)
-    model = _Unequal().double()
-    runtime = lorahot.inject(model, ["q", "k", "v"], max_rank=R, extras=False)
-    runtime.load(make_adapter(model, dict.fromkeys(["q", "k", "v"], 4))[0])
-    x = torch.randn(2, 48, D, dtype=torch.float64)
-    with torch.no_grad():
-        got = torch.compile(model, mode="reduce-overhead", dynamic=False, fullgraph=True)(x)
-    torch.testing.assert_close(got, _eager(model, x), rtol=1e-9, atol=1e-9)
+    _unequal_compiled_as_eager(rows=96)
     if limit == 64:
         assert as_on_cuda == [2] and calls == []
     else:
